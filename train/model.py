@@ -1,0 +1,337 @@
+"""LLaMA decoder in Flax NNX, with logical sharding annotations on every param.
+
+The model: token embedding, ``n_layers`` pre-norm blocks (RMSNorm, causal
+multi-head attention with rotary position embeddings, RMSNorm, SwiGLU MLP),
+a final RMSNorm and an untied LM head. No biases, no dropout.
+
+Parameters (a 2-layer model; ``V`` vocab, ``d`` d_model, ``f`` d_ff)::
+
+  embed/embedding                 [V, d]   ('vocab', 'embed')
+  layers/<i>/attn_norm/scale      [d]      ('norm',)
+  layers/<i>/attn/q_proj/kernel   [d, d]   ('embed', 'heads')
+  layers/<i>/attn/k_proj/kernel   [d, d]   ('embed', 'heads')
+  layers/<i>/attn/v_proj/kernel   [d, d]   ('embed', 'heads')
+  layers/<i>/attn/o_proj/kernel   [d, d]   ('heads', 'embed')
+  layers/<i>/mlp_norm/scale       [d]      ('norm',)
+  layers/<i>/mlp/gate_proj/kernel [d, f]   ('embed', 'mlp')
+  layers/<i>/mlp/up_proj/kernel   [d, f]   ('embed', 'mlp')
+  layers/<i>/mlp/down_proj/kernel [f, d]   ('mlp', 'embed')
+  final_norm/scale                [d]      ('norm',)
+  lm_head/kernel                  [d, V]   ('embed', 'vocab')
+
+``nnx.state(model)`` paths are tuples such as ``('layers', 0, 'attn', 'q_proj',
+'kernel')`` (the layer index is an ``int``; ``nnx.List`` gives it that way).
+Every matrix is a 2-D ``[in, out]`` kernel on purpose: SCALE normalizes 2-D
+leaves over axis 0 (one scale per output column), so heads are not split into
+a separate kernel axis.
+
+Numerics: ``config.param_dtype`` is the storage dtype, ``config.dtype`` the
+compute dtype (matmul inputs and the residual stream). RMSNorm, rotary
+embeddings, attention logits and softmax (``jax.nn.dot_product_attention``'s
+XLA path computes them in float32) and the LM head's accumulation are float32;
+logits come back float32. Rotary embeddings use the half-split ("rotate_half",
+GPT-NeoX / Hugging Face LLaMA) layout: feature ``j`` pairs with ``j + H/2``.
+
+Sharding
+--------
+Each param is created through ``nnx.with_partitioning(init, names)``, so its
+``nnx.Variable`` carries the logical names as the ``out_sharding`` metadata
+(``variable.out_sharding``, also in ``variable.get_metadata()``; the older
+names ``sharding`` / ``sharding_names`` are deprecated in flax 0.12.8). A
+trainer maps logical names to mesh axes with flax's logical-axis rules: a
+sequence of ``(logical_name, mesh_axis | tuple of mesh axes | None)`` pairs,
+e.g. ``(('embed', 'fsdp'), ('vocab', 'tensor'), ('mlp', 'tensor'),
+('heads', 'tensor'), ('norm', None), ('batch', ('data', 'fsdp')))``::
+
+  mesh = jax.make_mesh((1, n, 1), ('data', 'fsdp', 'tensor'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    # 1) Eager sharding: params are created sharded (flax's default
+    #    ``flax_always_shard_variable``); jit the constructor so nothing is
+    #    materialized unsharded.
+    model = nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(0)))()
+    # 2) Or explicitly: resolve specs / shardings from the metadata.
+    specs = nnx.get_partition_spec(nnx.state(model))    # PartitionSpec tree
+    shardings = nnx.get_named_sharding(nnx.state(model), mesh)
+    # 3) Abstract state with shardings, for orbax restores:
+    graphdef, abstract = nnx.get_abstract_model(
+        lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+
+Rules are read from the ``nnx.logical_axis_rules`` context (an alias of
+``flax.core.spmd.logical_axis_rules``) when specs are resolved; outside it the
+specs hold the logical names verbatim. ``flax.linen.logical_to_mesh_sharding``
+(PartitionSpec tree, mesh, rules) does the same mapping on a tree of logical
+``PartitionSpec``s.
+
+Eager sharding needs a mesh: flax raises when a variable with ``out_sharding``
+is created with no mesh in context. So ``Llama(..., eager_sharding=None)``
+(the default) shards eagerly only when flax's default says so AND a mesh is set
+(``jax.set_mesh``) AND logical-axis rules are active; otherwise params are
+created unsharded and keep the annotations as metadata. That keeps the model
+usable on one CPU with no context at all. Pass ``eager_sharding=True/False`` to
+force either behaviour. No activation sharding constraints are applied
+(the batch is expected to arrive sharded; XLA propagates from there).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+from train.config import ModelConfig
+
+# Logical axis names used in the annotations.
+VOCAB, EMBED, HEADS, MLP_AXIS, NORM = 'vocab', 'embed', 'heads', 'mlp', 'norm'
+
+
+def _auto_eager_sharding() -> bool:
+  """Eager sharding only when flax wants it and a mesh and rules are set."""
+  return (nnx.using_eager_sharding()
+          and not jax.sharding.get_abstract_mesh().empty
+          and bool(core_spmd.get_logical_axis_rules()))
+
+
+def _annotated(init, names: tuple[str, ...], eager: bool):
+  return nnx.with_partitioning(init, names, eager_sharding=eager)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, half-split layout, computed in float32.
+
+  Args:
+    x: ``[..., T, N, H]`` (sequence, heads, head size; ``H`` even).
+    positions: integer or float positions broadcastable to ``x.shape[:-2]``,
+      e.g. ``[T]`` or ``[B, T]``.
+    theta: the base (``rope_theta``).
+
+  Returns:
+    ``x`` rotated: for ``j < H/2`` the pair ``(x[j], x[j + H/2])`` is rotated by
+    the angle ``p * theta ** (-2j / H)``; same shape and dtype as ``x``.
+  """
+  head = x.shape[-1]
+  if head % 2:
+    raise ValueError(f'rope needs an even head size, got {head}.')
+  half = head // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / head)
+  angle = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq  # [..,T,h]
+  angle = angle[..., None, :]  # [..., T, 1, half]: broadcast over heads.
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., :half], xf[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32; ``scale`` [d] initialized to ones."""
+
+  def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any,
+               eager_sharding: bool):
+    init = _annotated(nnx.initializers.ones, (NORM,), eager_sharding)
+    self.scale = nnx.Param(init(None, (dim,), param_dtype))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, names: tuple[str, str],
+            eager: bool, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+  return nnx.Linear(
+      d_in, d_out, use_bias=False,
+      dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      kernel_init=_annotated(nnx.initializers.normal(cfg.init_std), names,
+                             eager),
+      rngs=rngs, **kwargs)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention with rotary embeddings."""
+
+  def __init__(self, cfg: ModelConfig, *, eager_sharding: bool,
+               rngs: nnx.Rngs):
+    d = cfg.d_model
+    self.n_heads = cfg.n_heads
+    self.head_dim = d // cfg.n_heads
+    self.rope_theta = cfg.rope_theta
+    self.q_proj = _linear(cfg, d, d, (EMBED, HEADS), eager_sharding, rngs)
+    self.k_proj = _linear(cfg, d, d, (EMBED, HEADS), eager_sharding, rngs)
+    self.v_proj = _linear(cfg, d, d, (EMBED, HEADS), eager_sharding, rngs)
+    self.o_proj = _linear(cfg, d, d, (HEADS, EMBED), eager_sharding, rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               mask: Optional[jax.Array]) -> jax.Array:
+    b, t, d = x.shape
+    split = lambda y: y.reshape(b, t, self.n_heads, self.head_dim)
+    q = rope(split(self.q_proj(x)), positions, self.rope_theta)
+    k = rope(split(self.k_proj(x)), positions, self.rope_theta)
+    v = split(self.v_proj(x))
+    # XLA implementation: logits and softmax in float32 for bf16 inputs.
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    return self.o_proj(out.reshape(b, t, d))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+  def __init__(self, cfg: ModelConfig, *, eager_sharding: bool,
+               rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    eager = eager_sharding
+    self.gate_proj = _linear(cfg, d, f, (EMBED, MLP_AXIS), eager, rngs)
+    self.up_proj = _linear(cfg, d, f, (EMBED, MLP_AXIS), eager, rngs)
+    self.down_proj = _linear(cfg, f, d, (MLP_AXIS, EMBED), eager, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block."""
+
+  def __init__(self, cfg: ModelConfig, *, eager_sharding: bool,
+               rngs: nnx.Rngs):
+    norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps,
+                           dtype=jnp.dtype(cfg.dtype),
+                           param_dtype=jnp.dtype(cfg.param_dtype),
+                           eager_sharding=eager_sharding)
+    self.attn_norm = norm()
+    self.attn = Attention(cfg, eager_sharding=eager_sharding, rngs=rngs)
+    self.mlp_norm = norm()
+    self.mlp = MLP(cfg, eager_sharding=eager_sharding, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               mask: Optional[jax.Array]) -> jax.Array:
+    x = x + self.attn(self.attn_norm(x), positions, mask)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nnx.Module):
+  """LLaMA decoder: ``tokens [B, T] int -> logits [B, T, V] float32``."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
+               eager_sharding: Optional[bool] = None):
+    """Builds the model.
+
+    Args:
+      config: the model shape and dtypes.
+      rngs: ``rngs.params()`` seeds the initializers.
+      eager_sharding: create params already sharded per their annotations.
+        ``None`` (default): only if flax's default says so and both a mesh
+        (``jax.set_mesh``) and ``nnx.logical_axis_rules`` are active.
+    """
+    if config.d_model % config.n_heads:
+      raise ValueError(f'n_heads={config.n_heads} must divide '
+                       f'd_model={config.d_model}.')
+    if (config.d_model // config.n_heads) % 2:
+      raise ValueError('head size d_model/n_heads must be even for rotary '
+                       'embeddings.')
+    eager = _auto_eager_sharding() if eager_sharding is None else eager_sharding
+    self.config = config
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    self.embed = nnx.Embed(
+        config.vocab_size, config.d_model, param_dtype=param_dtype,
+        embedding_init=_annotated(nnx.initializers.normal(config.init_std),
+                                  (VOCAB, EMBED), eager),
+        rngs=rngs)
+    self.layers = nnx.List([
+        Block(config, eager_sharding=eager, rngs=rngs)
+        for _ in range(config.n_layers)
+    ])
+    self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps,
+                              dtype=dtype, param_dtype=param_dtype,
+                              eager_sharding=eager)
+    # bf16 x bf16 -> float32 accumulation and output for the logits.
+    self.lm_head = _linear(config, config.d_model, config.vocab_size,
+                           (EMBED, VOCAB), eager, rngs,
+                           preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens: jax.Array, *,
+               positions: Optional[jax.Array] = None,
+               segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Logits for every position.
+
+    Args:
+      tokens: int ``[B, T]``, ``T <= max_seq_len``.
+      positions: optional int ``[B, T]`` (or ``[T]``) rotary positions;
+        default ``arange(T)``. Packed sequences restart them per segment.
+      segment_ids: optional int ``[B, T]``; attention stays within equal ids
+        (packed sequences), on top of the causal mask.
+
+    Returns:
+      float32 ``[B, T, vocab_size]``.
+    """
+    cfg = self.config
+    _, t = tokens.shape
+    if t > cfg.max_seq_len:
+      raise ValueError(f'sequence length {t} exceeds max_seq_len='
+                       f'{cfg.max_seq_len}.')
+    if positions is None:
+      positions = jnp.arange(t, dtype=jnp.int32)
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    x = self.embed(tokens).astype(jnp.dtype(cfg.dtype))
+    for block in self.layers:
+      x = block(x, positions, mask)
+    return self.lm_head(self.final_norm(x)).astype(jnp.float32)
+
+
+def param_count(config: ModelConfig) -> int:
+  """The number of parameters, in closed form.
+
+  ``2 V d`` (embedding and untied head) ``+ L (4 d^2 + 3 d f + 2 d)``
+  (attention, SwiGLU, two norms per layer) ``+ d`` (final norm).
+  """
+  v, d, f, n = (config.vocab_size, config.d_model, config.d_ff,
+                config.n_layers)
+  per_layer = 4 * d * d + 3 * d * f + 2 * d
+  return v * d + n * per_layer + d + d * v
+
+
+def loss_fn(model: Llama, batch: Mapping[str, jax.Array]
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean next-token cross entropy (float32) over weighted tokens.
+
+  Args:
+    model: the :class:`Llama`.
+    batch: ``inputs`` and ``targets`` int ``[B, T]`` (targets are the inputs
+      shifted by one); optional ``weights`` float ``[B, T]`` (loss mask,
+      default ones); optional ``positions`` / ``segment_ids`` ``[B, T]`` for
+      packed sequences, passed to the model.
+
+  Returns:
+    ``(loss, aux)``: ``loss = sum(w * ce) / sum(w)`` (0 if ``sum(w) == 0``);
+    ``aux`` holds ``loss_sum`` (``sum(w * ce)``), ``tokens`` (``sum(w)``) and
+    ``accuracy`` (weighted top-1 next-token accuracy), all float32 scalars.
+    Summing ``loss_sum`` and ``tokens`` across batches gives an exact eval
+    mean.
+  """
+  logits = model(batch['inputs'], positions=batch.get('positions'),
+                 segment_ids=batch.get('segment_ids'))
+  targets = batch['targets']
+  weights = batch.get('weights')
+  if weights is None:
+    weights = jnp.ones(targets.shape, jnp.float32)
+  weights = weights.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets)
+  loss_sum = jnp.sum(ce * weights)
+  tokens = jnp.sum(weights)
+  denom = jnp.where(tokens > 0, tokens, 1.0)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  aux = {
+      'loss_sum': loss_sum,
+      'tokens': tokens,
+      'accuracy': jnp.sum(correct * weights) / denom,
+  }
+  return loss_sum / denom, aux
