@@ -31,21 +31,41 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       'checkpoint in train.run_dir (the default)')
   resume.add_argument('--no-resume', dest='resume', action='store_false',
                       help='start from scratch even if checkpoints exist')
+  parser.add_argument('--dry-run', action='store_true',
+                      help='compile the train step abstractly and print the '
+                      'per-device memory, without data or training')
   parser.add_argument('overrides', nargs='*', metavar='key=value',
                       help='dotted overrides, e.g. optimizer.learning_rate=3e-3')
   return parser.parse_args(argv)
 
 
+def _run_errors() -> tuple[type[Exception], ...]:
+  from train import data  # pylint: disable=g-import-not-at-top
+  from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from train.loop import TrainingError  # pylint: disable=g-import-not-at-top
+  return (CheckpointError, TrainingError, data.UnknownDatasetError,
+          data.DatasetNotPreparedError, data.TokenizerError,
+          data.SplitTooSmallError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  run_errors = _run_errors()
   from train.config import ConfigError, load_config  # pylint: disable=g-import-not-at-top
   try:
     config = load_config(resolve_config_path(args.config), args.overrides)
-    from train.loop import train  # pylint: disable=g-import-not-at-top
-    train(config, resume=args.resume)
+    if args.dry_run:
+      from train.dry_run import dry_run, format_report  # pylint: disable=g-import-not-at-top
+      print(format_report(config, dry_run(config)))
+    else:
+      from train.loop import train  # pylint: disable=g-import-not-at-top
+      train(config, resume=args.resume)
   except ConfigError as e:
     print(f'config error: {e}', file=sys.stderr)
     return 2
+  except run_errors as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   return 0
 
 

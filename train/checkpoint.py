@@ -19,6 +19,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from scale_optax import path_str
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,10 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
         create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': grain.checkpoint.CheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -62,8 +67,10 @@ class Checkpointer:
 
     Raises:
       CheckpointError: naming the step, when the checkpoint is unreadable or
-        its arrays do not match ``abstract_state``.
+        its arrays do not match ``abstract_state`` (the mismatching paths are
+        listed: a checkpoint of another model or optimizer is refused).
     """
+    self.check_compatible(step, abstract_state)
     try:
       restored = self.manager.restore(
           step,
@@ -75,6 +82,36 @@ class Checkpointer:
           f'checkpoint at step {step} in {self.directory} cannot be restored: '
           f'{type(e).__name__}: {e}') from e
     return restored['state']
+
+  def check_compatible(self, step: int, abstract_state: Any) -> None:
+    """Raises unless the saved arrays have the paths and shapes expected."""
+    try:
+      saved_tree = self.manager.item_metadata(step)['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'checkpoint at step {step} in {self.directory} has unreadable '
+          f'metadata: {type(e).__name__}: {e}') from e
+    if saved_tree is None:
+      raise CheckpointError(f'checkpoint at step {step} in {self.directory} '
+                            f'has no state item.')
+    shapes = lambda tree: {path_str(p): tuple(x.shape) for p, x in
+                           jax.tree_util.tree_flatten_with_path(tree)[0]}
+    saved, expected = shapes(saved_tree), shapes(abstract_state)
+    order = lambda paths: sorted(paths, key=lambda p: (p.startswith('opt'), p))
+    problems = [f'{p}: saved {saved[p]}, expected {expected[p]}'
+                for p in order(saved.keys() & expected.keys())
+                if saved[p] != expected[p]]
+    problems += [f'{p}: missing from the checkpoint'
+                 for p in order(expected.keys() - saved.keys())]
+    problems += [f'{p}: in the checkpoint, not in this run'
+                 for p in order(saved.keys() - expected.keys())]
+    if problems:
+      shown = '; '.join(problems[:12])
+      more = f' (and {len(problems) - 12} more)' if len(problems) > 12 else ''
+      raise CheckpointError(
+          f'checkpoint at step {step} in {self.directory} does not match this '
+          f'run\'s model and optimizer, resume refused: {shown}{more}. Use '
+          f'another train.run_dir or --no-resume.')
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -96,7 +96,11 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The loop: length, evaluation, logging, checkpoints."""
+  """The loop: length, evaluation, logging, checkpoints.
+
+  ``run_dir`` may contain ``{optimizer}``, replaced by the optimizer's name, so
+  runs of different optimizers from one config do not share checkpoints.
+  """
   steps: int = 300
   seed: int = 0
   eval_every: int = 100
@@ -104,7 +108,7 @@ class TrainConfig:
   log_every: int = 10
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
-  run_dir: str = 'runs/tiny'
+  run_dir: str = 'runs/tiny/{optimizer}'
   progress: bool = True
   max_consecutive_skips: int = 10
 
@@ -293,6 +297,11 @@ def validate(config: Config) -> None:
       _require(axis is None or axis in ('data', 'fsdp', 'tensor'),
                f'mesh.rules.{logical}',
                f'maps to unknown mesh axis {axis!r} (data, fsdp, tensor).')
+  try:
+    t.run_dir.format(optimizer=o.name)
+  except (KeyError, IndexError, ValueError) as e:
+    raise ConfigError(f'train.run_dir: {t.run_dir!r} may only use the '
+                      f'placeholder {{optimizer}} ({e!r}).') from None
   # Divisibility by the data-parallel size is checked against the real device
   # count at start-up (train.mesh.check_divisible), where it is known.
 

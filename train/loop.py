@@ -48,6 +48,12 @@ def initialize_distributed(config: DistributedConfig) -> None:
       local_device_ids=local_ids)
 
 
+def run_directory(config: Config) -> pathlib.Path:
+  """``train.run_dir`` with ``{optimizer}`` replaced by the optimizer's name."""
+  return pathlib.Path(config.train.run_dir.format(
+      optimizer=config.optimizer.name))
+
+
 def _abstract_train_state(setup: TrainSetup) -> dict[str, Any]:
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype,
                                               sharding=setup.replicated)
@@ -96,7 +102,7 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
   """Runs (or resumes) the training run described by ``config``."""
   t_start = time.time()
   initialize_distributed(config.distributed)
-  run_dir = pathlib.Path(config.train.run_dir)
+  run_dir = run_directory(config)
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
 
@@ -209,6 +215,9 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
       signal.signal(signum, handler)
 
   final_step = step if config.train.steps > start else start
+  if not eval_result:  # Resumed a finished run: report its final quality.
+    with jax.set_mesh(mesh):
+      eval_result = evaluate(setup, eval_step, params, eval_batches)
   summary = {
       'optimizer': config.optimizer.name,
       'steps': final_step,

@@ -1,0 +1,191 @@
+"""``prepare``: a DataConfig -> a ready ``Dataset`` (data sources + tokenizer),
+and the ``Dataset``'s train and eval iterators."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from train.data import pipeline
+from train.data import tfds_source
+from train.data import tokenizer as tokenizer_lib
+from train.data.errors import UnknownDatasetError
+from train.data.tokenizer import Tokenizer
+
+Batch = dict[str, np.ndarray]  # {'inputs', 'targets'}: int32 [B, L]
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A prepared data set: random-access splits plus a tokenizer.
+
+  Attributes:
+    name: ``data.name`` as configured.
+    builder: the TFDS builder (``builder.info`` describes the data).
+    sources: split name -> random-access source of examples (dicts).
+    tokenizer: the SentencePiece tokenizer.
+    text_key: the example field holding the text.
+    train_split, eval_split: split names.
+    shuffle: whether ``train_iter`` shuffles by default.
+  """
+  name: str
+  builder: tfds.core.DatasetBuilder
+  sources: dict[str, Sequence[Any]]
+  tokenizer: Tokenizer
+  text_key: str = 'text'
+  train_split: str = 'train'
+  eval_split: str = 'validation'
+  shuffle: bool = True
+
+  @property
+  def vocab_size(self) -> int:
+    """The tokenizer's vocabulary size (<= the model's)."""
+    return self.tokenizer.vocab_size
+
+  @property
+  def eos_id(self) -> int:
+    return self.tokenizer.eos_id
+
+  def num_documents(self, split: str) -> int:
+    return len(self.sources[split])
+
+  def tokenize_fn(self, split: str) -> pipeline.ReadAndTokenize:
+    return pipeline.ReadAndTokenize(self.sources[split], self.tokenizer,
+                                    self.text_key)
+
+  def _pipeline(self, split, batch_size, seq_len, *, shuffle, seed,
+                process_index, process_count):
+    if batch_size % process_count:
+      raise ValueError(f'batch_size={batch_size} is not divisible by '
+                       f'process_count={process_count}.')
+    local_batch = batch_size // process_count
+    if local_batch < 1 or seq_len < 1:
+      raise ValueError(f'need batch_size >= process_count and seq_len >= 1, '
+                       f'got {batch_size}, {seq_len}.')
+    indices = pipeline.document_indices(
+        self.num_documents(split), shuffle=shuffle, seed=seed,
+        process_index=process_index, process_count=process_count,
+        split=split)
+    tokenize = self.tokenize_fn(split)
+    pipeline.check_enough_tokens(indices, tokenize, local_batch * seq_len + 1,
+                                 split, process_index, process_count)
+    return indices, tokenize, local_batch
+
+  def train_iter(self, batch_size: int, seq_len: int, seed: int, *,
+                 process_index: int = 0, process_count: int = 1,
+                 start_step: int = 0, shuffle: Optional[bool] = None,
+                 num_threads: int = 0, prefetch: int = 0
+                 ) -> grain.DatasetIterator:
+    """Endless training batches for this process.
+
+    Each ``next()`` gives {'inputs', 'targets'}: int32
+    ``[batch_size // process_count, seq_len]``, targets the inputs shifted by
+    one. The order is a function of (seed, process_index, process_count,
+    batch_size, seq_len) only. The iterator is a grain ``DatasetIterator``:
+    ``get_state()`` (a small JSON-able dict) / ``set_state()`` resume exactly,
+    and grain's Orbax handler (``grain.checkpoint.CheckpointSave``) saves it.
+    ``start_step=k`` starts at batch k directly (no batches are built; it
+    tokenizes at most about one epoch of this process's documents to count
+    tokens).
+    """
+    if start_step < 0:
+      raise ValueError(f'start_step must be >= 0, got {start_step}.')
+    shuffle = self.shuffle if shuffle is None else shuffle
+    indices, tokenize, local_batch = self._pipeline(
+        self.train_split, batch_size, seq_len, shuffle=shuffle, seed=seed,
+        process_index=process_index, process_count=process_count)
+    ds = pipeline.batches(indices, tokenize, batch_size=local_batch,
+                          seq_len=seq_len, num_threads=num_threads,
+                          prefetch=prefetch)
+    iterator = iter(ds)
+    if start_step:
+      iterator.set_state(pipeline.state_at_step(
+          indices, tokenize, step=start_step, batch_size=local_batch,
+          seq_len=seq_len))
+    return iterator
+
+  def eval_batches(self, batch_size: int, seq_len: int, num_batches: int, *,
+                   process_index: int = 0, process_count: int = 1
+                   ) -> list[Batch]:
+    """The first ``num_batches`` batches of the eval split, in order (no
+    shuffle; the split is repeated if it is shorter). Same every call."""
+    indices, tokenize, local_batch = self._pipeline(
+        self.eval_split, batch_size, seq_len, shuffle=False, seed=0,
+        process_index=process_index, process_count=process_count)
+    iterator = iter(pipeline.batches(indices, tokenize, batch_size=local_batch,
+                                     seq_len=seq_len))
+    return [next(iterator) for _ in range(num_batches)]
+
+  def texts(self, split: str, limit: Optional[int] = None) -> Iterator[str]:
+    """The texts of ``split`` in stored order, up to ``limit``."""
+    return texts(self.sources[split], self.text_key, limit)
+
+
+def texts(source: Sequence[Any], text_key: str,
+          limit: Optional[int] = None) -> Iterator[str]:
+  """``example[text_key]`` of the first ``limit`` examples, as str."""
+  n = len(source) if limit is None else min(limit, len(source))
+  for i in range(n):
+    text = source[i][text_key]
+    yield (text.decode('utf-8', errors='replace')
+           if isinstance(text, bytes) else text)
+
+
+def tokenizer_path(data_dir: str | os.PathLike,
+                   builder: tfds.core.DatasetBuilder, vocab_size: int
+                   ) -> pathlib.Path:
+  """Where the trained BPE model for the embedded data set is cached."""
+  return (pathlib.Path(data_dir) / 'tokenizers' /
+          f'{builder.name}_{builder.version}_bpe_{vocab_size}.model')
+
+
+def prepare(config, vocab_size: int) -> Dataset:
+  """Opens (preparing on first use) the data set and tokenizer of ``config``.
+
+  Args:
+    config: a ``train.config.DataConfig``.
+    vocab_size: the model's vocabulary size; the embedded data set's BPE
+      model is trained with this many pieces, a user's model must not have
+      more.
+
+  ``config.name == 'embedded'``: builds the embedded data set under
+  ``config.data_dir`` once (array_record), and trains a BPE model on its
+  training split once (cached in ``<data_dir>/tokenizers/``) unless
+  ``config.tokenizer`` names a model file. Any other name is a TFDS data set
+  (``'c4/en'``, ``'c4/en:3.1.0'``) already prepared in array_record format
+  under ``config.data_dir`` and needs ``config.tokenizer``.
+  """
+  builder = tfds_source.open_builder(config.name, config.data_dir)
+  splits = list(dict.fromkeys([config.train_split, config.eval_split]))
+  sources = tfds_source.data_sources(builder, splits)
+  features = builder.info.features
+  if config.text_key not in features:
+    raise ValueError(
+        f'data.text_key={config.text_key!r} is not a feature of data set '
+        f'{config.name!r} ({builder.info.full_name} under {config.data_dir}); '
+        f'it has {sorted(features.keys())}.')
+  embedded = isinstance(builder, tfds_source.EmbeddedText)
+  if config.tokenizer:
+    tokenizer = tokenizer_lib.load(config.tokenizer, vocab_size)
+  elif embedded:
+    tokenizer = tokenizer_lib.trained_bpe(
+        tokenizer_path(config.data_dir, builder, vocab_size),
+        texts(sources[config.train_split], config.text_key), vocab_size)
+  else:
+    raise UnknownDatasetError(
+        f'data.tokenizer is not set: data set {config.name!r} needs a '
+        f'SentencePiece model file (for c4, the T5 model: vocab 32000).')
+  return Dataset(name=config.name, builder=builder, sources=sources,
+                 tokenizer=tokenizer, text_key=config.text_key,
+                 train_split=config.train_split, eval_split=config.eval_split,
+                 shuffle=config.shuffle)
+
+
+__all__ = ['Batch', 'Dataset', 'prepare', 'texts', 'tokenizer_path']

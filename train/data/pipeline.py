@@ -1,0 +1,128 @@
+"""The grain pipeline: document indices -> (shard, shuffle, repeat) ->
+read + tokenize -> pack -> batch.
+
+Per process: the documents ``process_index::process_count`` of the split
+(disjoint shards), shuffled with ``seed`` differently each epoch (grain's
+``shuffle`` then ``repeat`` folds the epoch into the seed), repeated forever.
+Everything runs in the calling thread by default (``num_threads=0``: no
+worker processes, no thread pool); ``num_threads`` reads and tokenizes
+documents in a thread pool, ``prefetch`` prepares that many batches ahead in
+a background thread. Neither changes the data or the iterator state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from train.data.errors import SplitTooSmallError
+from train.data.packing import PackIterDataset
+from train.data.tokenizer import Tokenizer
+
+SEED_MOD = 2**32  # grain's shuffle takes a uint32 seed
+
+
+class ReadAndTokenize:
+  """Source index -> int32 tokens of the example's text, then EOS."""
+
+  def __init__(self, source: Sequence[Any], tokenizer: Tokenizer,
+               text_key: str):
+    self.source = source
+    self.tokenizer = tokenizer
+    self.text_key = text_key
+
+  def text(self, index: int) -> bytes | str:
+    return self.source[int(index)][self.text_key]
+
+  def __call__(self, index: int) -> np.ndarray:
+    return self.tokenizer.encode_document(self.text(index))
+
+
+def document_indices(num_documents: int, *, shuffle: bool, seed: int,
+                     process_index: int, process_count: int,
+                     split: str) -> grain.MapDataset:
+  """This process's document indices in stream order (infinite)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in '
+                     f'[0, process_count={process_count}).')
+  ds = grain.MapDataset.range(num_documents)[process_index::process_count]
+  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+    raise SplitTooSmallError(
+        f'Split {split!r} has {num_documents} documents: none for process '
+        f'{process_index} of {process_count}.')
+  if shuffle:
+    ds = ds.shuffle(seed % SEED_MOD)
+  return ds.repeat()
+
+
+def check_enough_tokens(indices: grain.MapDataset, tokenize: ReadAndTokenize,
+                        needed: int, split: str, process_index: int,
+                        process_count: int) -> None:
+  """Raises unless one epoch of this shard has ``needed`` tokens.
+
+  Reads only as many documents as it takes (a handful for a real split).
+  """
+  total = 0
+  num_docs = _epoch_length(indices)
+  for j in range(num_docs):
+    total += len(tokenize(indices[j]))
+    if total >= needed:
+      return
+  shard = (f' (the shard of process {process_index} of {process_count})'
+           if process_count > 1 else '')
+  raise SplitTooSmallError(
+      f'Split {split!r}{shard} has {total} tokens in {num_docs} documents, '
+      f'fewer than one batch needs ({needed}); use a smaller batch or '
+      f'sequence length, or a bigger split.')
+
+
+def _epoch_length(indices: grain.MapDataset) -> int:
+  """Documents per epoch of the (infinitely repeated) index data set."""
+  return len(indices.parents[0])
+
+
+def batches(indices: grain.MapDataset, tokenize: ReadAndTokenize, *,
+            batch_size: int, seq_len: int, num_threads: int = 0,
+            prefetch: int = 0) -> grain.IterDataset:
+  """{'inputs', 'targets'}: int32 [batch_size, seq_len] batches."""
+  docs = indices.map(tokenize)
+  read_options = grain.ReadOptions(
+      num_threads=num_threads,
+      prefetch_buffer_size=max(16, 4 * num_threads) if num_threads else 0)
+  ds = docs.to_iter_dataset(read_options)
+  ds = PackIterDataset(ds, length=seq_len)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if prefetch:
+    ds = grain.experimental.ThreadPrefetchIterDataset(
+        ds, prefetch_buffer_size=prefetch)
+  return ds
+
+
+def state_at_step(indices: grain.MapDataset, tokenize: ReadAndTokenize, *,
+                  step: int, batch_size: int, seq_len: int) -> dict[str, Any]:
+  """The iterator state after ``step`` batches, without building batches.
+
+  Batch k starts at token ``k * batch_size * seq_len`` of this process's
+  stream; this walks document lengths up to there. Lengths are cached by
+  document, and a document has the same length in every epoch, so it reads
+  at most one epoch of documents plus the documents of the target epoch.
+  """
+  position = step * batch_size * seq_len
+  per_epoch = _epoch_length(indices)
+  lengths: dict[int, int] = {}
+  cum, j, jumped = 0, 0, False
+  while True:
+    if j == per_epoch and not jumped:
+      jumped = True
+      epochs = position // cum  # cum: tokens in one epoch
+      cum, j = epochs * cum, epochs * per_epoch
+    doc = int(indices[j])
+    if doc not in lengths:
+      lengths[doc] = len(tokenize(doc))
+    if cum + lengths[doc] > position:
+      return {'parent': {'next_index': j}, 'offset': position - cum}
+    cum += lengths[doc]
+    j += 1
