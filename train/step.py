@@ -28,7 +28,7 @@ def _train_step(setup: TrainSetup, params: Params, opt_state: Any,
     return loss_fn(setup.merge(p), batch)
 
   (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = setup.tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)

@@ -1,0 +1,125 @@
+"""End-to-end runs of the real trainer on a small model and the embedded data."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from train import data as data_lib
+from train.config import load_config
+from train.loop import train
+
+SMALL = ['model.vocab_size=512', 'model.d_model=64', 'model.n_layers=2',
+         'model.n_heads=2', 'model.d_ff=176', 'data.seq_len=64',
+         'data.batch_size=8', 'train.eval_batches=4', 'train.progress=false']
+
+# A learning rate per optimizer that trains this model in 80 steps (from a
+# small sweep; see the README's optimizer table).
+LEARNING_RATES = {
+    'scale': 3e-3, 'sgd_column_norm': 3e-3, 'sgd_row_norm': 3e-3,
+    'scale_row_norm': 3e-3, 'scale_sign': 1e-3, 'scale_first_last': 3e-3,
+    'adamw': 1e-2, 'sgd': 1.0, 'sgd_momentum': 0.3, 'muon': 0.02,
+    'adafactor': 0.2, 'lion': 1e-3,
+}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='module')
+def unigram(data_dir):
+  config = load_config(None, SMALL + [f'data.data_dir={data_dir}'])
+  return data_lib.unigram_perplexity(data_lib.prepare(config.data, 512))
+
+
+def small_config(data_dir, run_dir, *overrides):
+  return load_config(None, SMALL + [f'data.data_dir={data_dir}',
+                                    f'train.run_dir={run_dir}', *overrides])
+
+
+def records(run_dir, kind):
+  lines = (run_dir / 'metrics.jsonl').read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r['kind'] == kind]
+
+
+def test_every_optimizer_has_a_learning_rate():
+  from train.optim import OPTIMIZERS  # pylint: disable=g-import-not-at-top
+  assert set(LEARNING_RATES) == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize('name', sorted(LEARNING_RATES))
+def test_each_optimizer_trains_below_the_unigram_baseline(
+    name, data_dir, unigram, tmp_path):
+  config = small_config(data_dir, tmp_path, f'optimizer.name={name}',
+                        f'optimizer.learning_rate={LEARNING_RATES[name]}',
+                        'train.steps=80', 'train.eval_every=80',
+                        'train.checkpoint_every=80', 'train.log_every=10')
+  summary = train(config, resume=False)
+  losses = [r['loss'] for r in records(tmp_path, 'train')]
+  assert len(losses) == 8
+  assert np.mean(losses[-2:]) < losses[0] - 0.5, losses
+  assert math.isfinite(summary['eval_perplexity'])
+  assert summary['eval_perplexity'] < unigram, (summary, unigram)
+  assert summary['steps'] == 80 and summary['tokens'] == 80 * 8 * 64
+
+
+def test_run_outputs_and_memory_report(data_dir, tmp_path):
+  config = small_config(data_dir, tmp_path, 'train.steps=20',
+                        'train.eval_every=10', 'train.checkpoint_every=10',
+                        'train.log_every=5', 'train.keep_checkpoints=1')
+  summary = train(config, resume=False)
+  assert (tmp_path / 'loss.png').stat().st_size > 10_000
+  assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+  assert json.loads((tmp_path / 'summary.json').read_text()) == summary
+  assert [r['step'] for r in records(tmp_path, 'eval')] == [10, 20]
+  assert ocp.CheckpointManager(tmp_path / 'checkpoints').all_steps() == [20]
+  # SCALE keeps the LM head's momentum and AdamW moments for the 1-D leaves.
+  d, v, n_layers = 64, 512, 2
+  vector_params = (2 * n_layers + 1) * d
+  assert summary['opt_state_bytes'] == 4 * (d * v + 2 * vector_params) + 4 * 2
+  assert summary['param_bytes'] == 4 * (2 * d * v + n_layers * (
+      4 * d * d + 3 * d * 176 + 2 * d) + d)
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+  common = ['train.eval_every=100', 'train.checkpoint_every=15',
+            'train.log_every=1']
+  straight = tmp_path / 'straight'
+  train(small_config(data_dir, straight, 'train.steps=30', *common),
+        resume=False)
+  resumed = tmp_path / 'resumed'
+  train(small_config(data_dir, resumed, 'train.steps=15', *common),
+        resume=False)
+  summary = train(small_config(data_dir, resumed, 'train.steps=30', *common))
+  assert summary['steps'] == 30
+  assert [r['loss'] for r in records(straight, 'train')] == \
+      [r['loss'] for r in records(resumed, 'train')]
+  assert [r['step'] for r in records(resumed, 'train')] == list(range(1, 31))
+
+
+def test_cli_main_command(data_dir, tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'train', *SMALL, f'data.data_dir={data_dir}',
+       f'train.run_dir={tmp_path}', 'train.steps=10', 'train.eval_every=10'],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'step 10: eval loss' in result.stdout
+  assert 'summary: scale | step 10 |' in result.stdout
+  assert (tmp_path / 'checkpoints' / '10').is_dir()
+
+
+def test_cli_config_error_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'train', 'optimizer.lernin_rate=1'],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      'config error: optimizer.lernin_rate: unknown key (known: b1, b2, eps, '
+      'grad_clip, learning_rate, min_lr_ratio, momentum, name, '
+      'vector_learning_rate, warmup_ratio, weight_decay).']
