@@ -2,30 +2,170 @@
 
 Each checkpoint is an orbax ``Composite`` of two items: ``state`` (a pytree of
 sharded arrays, saved asynchronously by every process) and ``data`` (the grain
-iterator's position, one JSON file per process). Orbax writes into a temporary
-folder and renames it when complete, so a checkpoint whose save was
-interrupted is never listed as a step. Restores place every array with the
-sharding of the given abstract tree, so a checkpoint restores onto a mesh of a
-different shape.
+iterator's position, one JSON file per process, written before ``save``
+returns). Restores place every array with the sharding of the given abstract
+tree, so a checkpoint restores onto a mesh of a different shape.
+
+Crash safety:
+
+- Atomic commit. Orbax writes step ``N`` into ``N.orbax-checkpoint-tmp`` and
+  renames it to ``N`` when every item is written, so a save cut short (the
+  process killed, the machine preempted) is never listed as a step; leftover
+  temporary folders are deleted when the next run opens the folder.
+- Integrity. Orbax does not notice flipped bytes inside array data (OCDBT
+  checksums only its manifest and tree nodes; the array chunks are stored
+  raw), so just before the rename every file of the checkpoint is listed with
+  its size and SHA-256 in ``N/integrity.json``. ``restore`` verifies it first:
+  a missing, truncated or altered file is a :class:`CheckpointCorruptError`
+  naming the step and the files.
+- Fallback. :meth:`Checkpointer.restore_latest` tries the newest step, then
+  older ones, warning about each unrestorable one and moving it aside to
+  ``<checkpoints>.corrupt/``; when none can be restored it raises instead of
+  silently starting from scratch. A checkpoint of another model or optimizer
+  (:class:`CheckpointMismatchError`) is refused at once, with no fallback.
+- Donation. ``save`` copies (or, on CPU, pins: a buffer with a live host view
+  is never donated) every array to host memory before it returns, so the
+  train step may donate and overwrite the state while the write goes on in
+  the background.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import logging
+import os
 import pathlib
-from typing import Any, Optional
+import shutil
+import time
+from typing import Any, Callable, Optional
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity
 
 from scale_optax import path_str
 
 log = logging.getLogger(__name__)
 
+MANIFEST = 'integrity.json'
+# Step-level files orbax writes or rewrites after the manifest: not covered.
+_UNLISTED = frozenset({MANIFEST, '_CHECKPOINT_METADATA', 'commit_success.txt'})
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be restored; the message names its step."""
+
+
+class CheckpointCorruptError(CheckpointError):
+  """A checkpoint is damaged or unreadable (an older one may still be good)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint holds other shapes or paths than this run (another model)."""
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+  """``Type: first line of the message``, cut (TensorStore errors are huge)."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ''
+  if len(text) > limit:
+    text = text[:limit] + '...'
+  return f'{type(e).__name__}: {text}'
+
+
+def _file_digest(path: pathlib.Path) -> str:
+  with path.open('rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def _listed_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  files = []
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = pathlib.Path(root) / name
+      if path.parent == step_dir and name in _UNLISTED:
+        continue
+      files.append(path)
+  return sorted(files)
+
+
+def write_manifest(step_dir: str | os.PathLike) -> pathlib.Path:
+  """Writes ``integrity.json`` (size and SHA-256 of every file) atomically."""
+  step_dir = pathlib.Path(step_dir)
+  files = {path.relative_to(step_dir).as_posix():
+           {'size': path.stat().st_size, 'sha256': _file_digest(path)}
+           for path in _listed_files(step_dir)}
+  target = step_dir / MANIFEST
+  tmp = step_dir / f'.{MANIFEST}.tmp'
+  with tmp.open('w') as f:
+    json.dump({'version': 1, 'algorithm': 'sha256', 'files': files}, f,
+              indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, target)
+  return target
+
+
+def verify_manifest(step_dir: str | os.PathLike) -> Optional[list[str]]:
+  """The problems found against ``integrity.json`` ([] when intact).
+
+  Returns None when the checkpoint has no manifest (written before manifests
+  existed). An unreadable manifest is itself a problem.
+  """
+  step_dir = pathlib.Path(step_dir)
+  path = step_dir / MANIFEST
+  if not path.exists():
+    return None
+  try:
+    files = json.loads(path.read_text())['files']
+    assert isinstance(files, dict)
+  except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+    return [f'{MANIFEST} is unreadable ({type(e).__name__})']
+  problems = []
+  for name, expected in sorted(files.items()):
+    file = step_dir / name
+    if not file.is_file():
+      problems.append(f'{name}: missing')
+    elif file.stat().st_size != expected['size']:
+      problems.append(f'{name}: {file.stat().st_size} bytes, expected '
+                      f'{expected["size"]} (truncated or rewritten)')
+    elif _file_digest(file) != expected['sha256']:
+      problems.append(f'{name}: SHA-256 differs (bytes altered)')
+  return problems
+
+
+class _ManifestTemporaryPath(atomicity.AtomicRenameTemporaryPath):
+  """Orbax's atomic-rename commit, with the manifest written just before it.
+
+  ``finalize`` runs in orbax's background thread on the primary process once
+  every item of the step is written (after a barrier with the other
+  processes), so the manifest lists the files of all processes, and the
+  rename commits data and manifest together. Item folders (``state``,
+  ``data``) go through the same class; only the step folder gets a manifest.
+  """
+
+  async def finalize(self, *args, **kwargs):
+    if self.get_final().name.isdigit():
+      await asyncio.to_thread(write_manifest, self.get())
+    return await super().finalize(*args, **kwargs)
+
+
+def set_aside(directory: str | os.PathLike, label: str) -> Optional[pathlib.Path]:
+  """Renames ``directory`` to ``<directory>.<label>-<UTC time>`` if it exists
+  and is not empty; returns the new path (None if there was nothing)."""
+  directory = pathlib.Path(directory).absolute()
+  if not directory.is_dir() or not any(directory.iterdir()):
+    return None
+  stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+  target = directory.with_name(f'{directory.name}.{label}-{stamp}')
+  n = 1
+  while target.exists():
+    n += 1
+    target = directory.with_name(f'{directory.name}.{label}-{stamp}-{n}')
+  directory.rename(target)
+  return target
 
 
 class Checkpointer:
@@ -37,6 +177,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        temporary_path_class=_ManifestTemporaryPath,
         create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -51,13 +193,35 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator: Any,
            force: bool = True) -> bool:
-    """Starts an (asynchronous) save of ``state`` and the iterator position."""
+    """Starts an (asynchronous) save of ``state`` and the iterator position.
+
+    When it returns, the arrays are on the host and the iterator position is
+    written: both may change. It waits for the previous save to finish first.
+    """
     return self.manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator)),
         force=force)
+
+  def verify(self, step: int) -> bool:
+    """Checks step ``step`` against its manifest.
+
+    Returns:
+      True when verified, False when the checkpoint has no manifest.
+
+    Raises:
+      CheckpointCorruptError: naming the step and the damaged files.
+    """
+    problems = verify_manifest(self.directory / str(step))
+    if problems:
+      shown = '; '.join(problems[:8])
+      more = f' (and {len(problems) - 8} more)' if len(problems) > 8 else ''
+      raise CheckpointCorruptError(
+          f'checkpoint at step {step} in {self.directory} is corrupt: '
+          f'{shown}{more}.')
+    return problems is not None
 
   def restore(self, step: int, abstract_state: Any,
               data_iterator: Any) -> Any:
@@ -66,10 +230,16 @@ class Checkpointer:
     The data iterator is moved to the saved position in place.
 
     Raises:
-      CheckpointError: naming the step, when the checkpoint is unreadable or
-        its arrays do not match ``abstract_state`` (the mismatching paths are
-        listed: a checkpoint of another model or optimizer is refused).
+      CheckpointCorruptError: naming the step, when the checkpoint fails its
+        integrity check or cannot be read.
+      CheckpointMismatchError: when its arrays do not match
+        ``abstract_state`` (the mismatching paths are listed: a checkpoint of
+        another model or optimizer is refused).
     """
+    if not self.verify(step):
+      log.warning('checkpoint at step %d in %s has no %s (saved by an older '
+                  'version): restored without an integrity check.', step,
+                  self.directory, MANIFEST)
     self.check_compatible(step, abstract_state)
     try:
       restored = self.manager.restore(
@@ -78,22 +248,79 @@ class Checkpointer:
               state=ocp.args.StandardRestore(abstract_state),
               data=grain.checkpoint.CheckpointRestore(data_iterator)))
     except Exception as e:  # orbax raises many types; name the step.
-      raise CheckpointError(
+      raise CheckpointCorruptError(
           f'checkpoint at step {step} in {self.directory} cannot be restored: '
-          f'{type(e).__name__}: {e}') from e
+          f'{_short(e)}') from e
     return restored['state']
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any,
+                     warn: Optional[Callable[[str], None]] = None
+                     ) -> Optional[tuple[int, Any]]:
+    """Restores the newest restorable step: ``(step, state)``, or None when
+    there are no checkpoints at all.
+
+    A step that is corrupt or unreadable is reported through ``warn`` (default:
+    ``log.warning``), moved aside to ``<checkpoints>.corrupt/`` (so it is
+    neither tried again nor in the way of the next save of that step), and
+    the next older step is tried.
+
+    Raises:
+      CheckpointMismatchError: at once, for a checkpoint of another model.
+      CheckpointError: when checkpoints exist but none can be restored,
+        listing each step tried and why. The run does not start from scratch
+        by itself: the user decides (``--no-resume`` sets them aside).
+    """
+    warn = warn or log.warning
+    failures: list[tuple[int, CheckpointCorruptError]] = []
+    for step in reversed(self.steps()):
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except CheckpointCorruptError as e:
+        warn(f'{e} Trying an older checkpoint.')
+        failures.append((step, e))
+        continue
+      if failures:
+        self._move_corrupt([s for s, _ in failures], warn)
+      return step, state
+    if not failures:
+      return None
+    tried = '; '.join(str(e) for _, e in failures)
+    raise CheckpointError(
+        f'no checkpoint in {self.directory} can be restored (tried steps '
+        f'{", ".join(str(s) for s, _ in failures)}): {tried} Not starting '
+        f'from scratch: repair or remove them, or pass --no-resume to set '
+        f'them aside and start over.')
+
+  def _move_corrupt(self, steps: list[int],
+                    warn: Callable[[str], None]) -> None:
+    if jax.process_index() == 0:
+      target = self.directory.with_name(self.directory.name + '.corrupt')
+      target.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        dest = target / str(step)
+        n = 1
+        while dest.exists():
+          n += 1
+          dest = target / f'{step}-{n}'
+        shutil.move(os.fspath(self.directory / str(step)), os.fspath(dest))
+        warn(f'moved the corrupt checkpoint of step {step} to {dest}.')
+    # Every process found the same steps corrupt (the same files, verified
+    # the same way), so every process is here.
+    from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    mesh_lib.sync_processes('checkpoint_move_corrupt')
+    self.manager.reload()
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Raises unless the saved arrays have the paths and shapes expected."""
     try:
       saved_tree = self.manager.item_metadata(step)['state']
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
+      raise CheckpointCorruptError(
           f'checkpoint at step {step} in {self.directory} has unreadable '
-          f'metadata: {type(e).__name__}: {e}') from e
+          f'metadata: {_short(e)}') from e
     if saved_tree is None:
-      raise CheckpointError(f'checkpoint at step {step} in {self.directory} '
-                            f'has no state item.')
+      raise CheckpointCorruptError(
+          f'checkpoint at step {step} in {self.directory} has no state item.')
     shapes = lambda tree: {path_str(p): tuple(x.shape) for p, x in
                            jax.tree_util.tree_flatten_with_path(tree)[0]}
     saved, expected = shapes(saved_tree), shapes(abstract_state)
@@ -108,7 +335,7 @@ class Checkpointer:
     if problems:
       shown = '; '.join(problems[:12])
       more = f' (and {len(problems) - 12} more)' if len(problems) > 12 else ''
-      raise CheckpointError(
+      raise CheckpointMismatchError(
           f'checkpoint at step {step} in {self.directory} does not match this '
           f'run\'s model and optimizer, resume refused: {shown}{more}. Use '
           f'another train.run_dir or --no-resume.')

@@ -111,6 +111,11 @@ class TrainConfig:
   run_dir: str = 'runs/tiny/{optimizer}'
   progress: bool = True
   max_consecutive_skips: int = 10
+  # Per-layer stochastic-gradient variance (train/diagnostics.py), logged as
+  # 'diagnostics' records every this many steps (0: off), estimated from
+  # ``diagnostics_microbatches`` micro-batches of the step's batch.
+  diagnostics_every: int = 0
+  diagnostics_microbatches: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +213,20 @@ def parse_override(text: str) -> tuple[str, Any]:
   try:
     value = yaml.safe_load(raw) if raw else ''
   except yaml.YAMLError as e:
-    raise ConfigError(f'{key}: cannot parse value {raw!r}: {e}') from None
+    raise ConfigError(f'{key}: cannot parse value {raw!r}: '
+                      f'{_yaml_problem(e)}') from None
   return key.strip(), value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+  """A YAML error on one line: what is wrong, and where."""
+  problem = getattr(e, 'problem', None)
+  if not problem:
+    return ' '.join(str(e).split())
+  mark = getattr(e, 'problem_mark', None)
+  where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''
+  context = getattr(e, 'context', None)
+  return f'{problem}{where}' + (f' ({context})' if context else '')
 
 
 def load_config(path: Optional[str | pathlib.Path] = None,
@@ -225,7 +242,8 @@ def load_config(path: Optional[str | pathlib.Path] = None,
     try:
       values = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-      raise ConfigError(f'config file {path} does not parse: {e}') from None
+      raise ConfigError(f'config file {path} does not parse: '
+                        f'{_yaml_problem(e)}') from None
     if not isinstance(values, dict):
       raise ConfigError(f'config file {path}: expected a mapping of sections.')
   for text in overrides:
@@ -260,6 +278,16 @@ def validate(config: Config) -> None:
                      ('train.keep_checkpoints', t.keep_checkpoints),
                      ('train.max_consecutive_skips', t.max_consecutive_skips)]:
     _require(value > 0, key, f'must be positive, got {value}.')
+  _require(t.diagnostics_every >= 0, 'train.diagnostics_every',
+           f'must be >= 0 (0: off), got {t.diagnostics_every}.')
+  if t.diagnostics_every:
+    _require(t.diagnostics_microbatches >= 2, 'train.diagnostics_microbatches',
+             f'must be >= 2 to estimate a variance, got '
+             f'{t.diagnostics_microbatches}.')
+    _require(d.batch_size % t.diagnostics_microbatches == 0,
+             'train.diagnostics_microbatches',
+             f'must divide data.batch_size={d.batch_size}, got '
+             f'{t.diagnostics_microbatches}.')
   _require(m.d_model % m.n_heads == 0, 'model.n_heads',
            f'must divide model.d_model={m.d_model}, got {m.n_heads}.')
   _require((m.d_model // m.n_heads) % 2 == 0, 'model.n_heads',

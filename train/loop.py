@@ -10,7 +10,9 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import signal
+import sys
 import time
 from typing import Any, Iterable, Optional
 
@@ -21,8 +23,9 @@ import yaml
 
 from train import data as data_lib
 from train import mesh as mesh_lib
-from train.checkpoint import Checkpointer
-from train.config import Config, DistributedConfig, to_dict
+from train.checkpoint import Checkpointer, set_aside
+from train.config import Config, to_dict
+from train.diagnostics import make_gradient_variance
 from train.metrics import MetricsWriter, plot_losses
 from train.optim import make_optimizer
 from train.state import TrainSetup, make_setup, memory_report
@@ -33,19 +36,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
   """The run cannot go on (e.g. too many consecutive non-finite steps)."""
-
-
-def initialize_distributed(config: DistributedConfig) -> None:
-  """Calls ``jax.distributed.initialize`` when the config asks for several processes."""
-  if config.coordinator_address is None and config.num_processes is None:
-    return
-  local_ids = None
-  if config.local_device_ids:
-    local_ids = [int(i) for i in config.local_device_ids.split(',')]
-  jax.distributed.initialize(
-      coordinator_address=config.coordinator_address,
-      num_processes=config.num_processes, process_id=config.process_id,
-      local_device_ids=local_ids)
 
 
 def run_directory(config: Config) -> pathlib.Path:
@@ -67,8 +57,9 @@ def _abstract_train_state(setup: TrainSetup) -> dict[str, Any]:
 def _global_batch(setup: TrainSetup, local: dict[str, np.ndarray]
                   ) -> dict[str, jax.Array]:
   sharding = mesh_lib.batch_sharding(setup.mesh, setup.config.mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local.items()}
+  rows = setup.config.data.batch_size  # Global; each process holds its part.
+  return {k: jax.make_array_from_process_local_data(
+      sharding, v, (rows,) + v.shape[1:]) for k, v in local.items()}
 
 
 def evaluate(setup: TrainSetup, eval_step: Any, params: Any,
@@ -101,14 +92,17 @@ class _StopFlag:
 def train(config: Config, resume: bool = True) -> dict[str, Any]:
   """Runs (or resumes) the training run described by ``config``."""
   t_start = time.time()
-  initialize_distributed(config.distributed)
+  mesh_lib.initialize_distributed(config.distributed)
   run_dir = run_directory(config)
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
 
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.check_batch(config, mesh)
-  dataset = data_lib.prepare(config.data, config.model.vocab_size)
+  # Process 0 builds the data set and tokenizer first; the others then open it.
+  dataset = mesh_lib.main_process_first(
+      lambda: data_lib.prepare(config.data, config.model.vocab_size),
+      'prepare_data')
   tx, schedule = make_optimizer(config.optimizer, config.train.steps)
   setup = make_setup(config, mesh, tx, schedule)
   memory = memory_report(setup)
@@ -120,22 +114,35 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
       f'| mesh {dict(mesh.shape)} on {jax.device_count()} '
       f'{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)')
 
+  # Each process reads batch_size / process_count rows of each global batch.
   pindex, pcount = jax.process_index(), jax.process_count()
-  local_batch = config.data.batch_size // pcount
-  train_iter = dataset.train_iter(local_batch, config.data.seq_len,
+  train_iter = dataset.train_iter(config.data.batch_size, config.data.seq_len,
                                   seed=config.train.seed,
                                   process_index=pindex, process_count=pcount)
-  eval_batches = dataset.eval_batches(local_batch, config.data.seq_len,
+  eval_batches = dataset.eval_batches(config.data.batch_size,
+                                      config.data.seq_len,
                                       config.train.eval_batches,
                                       process_index=pindex,
                                       process_count=pcount)
 
+  if not resume:  # Old checkpoints must not mix with this run's.
+    moved = mesh_lib.main_process_first(
+        lambda: set_aside(run_dir / 'checkpoints', 'replaced') if is_main
+        else None, 'set_aside_checkpoints')
+    if moved:
+      if (run_dir / 'metrics.jsonl').exists():  # Rewritten from step 0 below.
+        shutil.copy2(run_dir / 'metrics.jsonl', moved / 'metrics.jsonl')
+      say(f'--no-resume: moved the existing checkpoints (and a copy of '
+          f'metrics.jsonl) to {moved}')
   checkpointer = Checkpointer(run_dir / 'checkpoints',
                               config.train.keep_checkpoints)
-  latest = checkpointer.latest_step() if resume else None
+  # Newest restorable checkpoint; corrupt ones are reported and moved aside.
+  warn = lambda m: print(f'warning: {m}', file=sys.stderr, flush=True)
+  latest = (checkpointer.restore_latest(
+      _abstract_train_state(setup), train_iter,
+      warn=warn if is_main else log.warning) if resume else None)
   if latest is not None:
-    restored = checkpointer.restore(latest, _abstract_train_state(setup),
-                                    train_iter)
+    restored = latest[1]
     params, opt_state = restored['params'], restored['opt_state']
     rng = restored['rng']
     start = int(restored['step'])
@@ -153,6 +160,8 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
   writer = MetricsWriter(run_dir)
   writer.truncate_after(start)
   train_step = make_train_step(setup)
+  diagnose = (make_gradient_variance(setup, config.train.diagnostics_microbatches)
+              if config.train.diagnostics_every else None)
   eval_step = make_eval_step(setup)
   tokens_per_step = config.data.batch_size * config.data.seq_len
 
@@ -166,11 +175,19 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
   eval_result: dict[str, float] = {}
   step_time, timed_steps, skips_in_a_row = 0.0, 0, 0
   progress = _progress(config, start, enabled=is_main and config.train.progress)
+  tell = progress.write if is_main else (lambda *a, **k: None)  # Above the bar.
   try:
     with jax.set_mesh(mesh):
       for step in range(start + 1, config.train.steps + 1):
         t0 = time.perf_counter()
         batch = _global_batch(setup, next(train_iter))
+        if diagnose is not None and step % config.train.diagnostics_every == 0:
+          # Before the step (which donates params); reads, never changes them.
+          t_diag = time.perf_counter()
+          writer.write('diagnostics', step,
+                       tokens=(step - 1) * tokens_per_step,
+                       **diagnose(params, batch))
+          t0 += time.perf_counter() - t_diag  # Not counted as step time.
         params, opt_state, metrics = train_step(params, opt_state, batch)
         metrics = jax.device_get(metrics)  # One sync per step (see DESIGN §4).
         if step > start + 1:  # The first step compiles.
@@ -188,23 +205,27 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
         progress.update(1)
         progress.set_postfix(loss=f'{float(metrics["loss"]):.3f}',
                              tok_s=f'{tok_s:,.0f}', refresh=False)
-        if skips_in_a_row > config.train.max_consecutive_skips:
+        if skips_in_a_row >= config.train.max_consecutive_skips:
+          # Skipped steps left params and optimizer state unchanged: this
+          # saves the last good state (a resume goes on after these batches).
           save(step)
           raise TrainingError(
-              f'{skips_in_a_row} consecutive steps had a non-finite loss or '
-              f'gradient (last at step {step}); stopped with the last good '
-              f'state saved at step {step}. Lower optimizer.learning_rate or '
-              f'check the data.')
+              f'{skips_in_a_row} consecutive steps had a non-finite loss, '
+              f'gradient or update (steps {step - skips_in_a_row + 1}-{step}, '
+              f'train.max_consecutive_skips={config.train.max_consecutive_skips}'
+              f'); stopped with the last good state (from step '
+              f'{step - skips_in_a_row}) saved as the checkpoint of step '
+              f'{step}. Lower optimizer.learning_rate or check the data.')
         if step % config.train.eval_every == 0 or step == config.train.steps:
           eval_result = evaluate(setup, eval_step, params, eval_batches)
           writer.write('eval', step, tokens=tokens, **eval_result)
-          progress.write(f'step {step}: eval loss {eval_result["loss"]:.4f}, '
+          tell(f'step {step}: eval loss {eval_result["loss"]:.4f}, '
                          f'perplexity {eval_result["perplexity"]:.2f}')
         if step % config.train.checkpoint_every == 0 or \
             step == config.train.steps or stop.reason:
           save(step)
         if stop.reason:
-          progress.write(f'{stop.reason}: checkpoint saved at step {step}, '
+          tell(f'{stop.reason}: checkpoint saved at step {step}, '
                          f'exiting.')
           break
   finally:
@@ -215,7 +236,8 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
       signal.signal(signum, handler)
 
   final_step = step if config.train.steps > start else start
-  if not eval_result:  # Resumed a finished run: report its final quality.
+  if not eval_result and not stop.reason:  # Resumed a finished run: report
+    # its final quality. (Not when preempted: exit within the grace period.)
     with jax.set_mesh(mesh):
       eval_result = evaluate(setup, eval_step, params, eval_batches)
   summary = {

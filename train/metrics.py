@@ -42,9 +42,17 @@ class MetricsWriter:
     """Drops records past ``step`` (a resumed run rewrites them)."""
     if not self.enabled or not self.path.exists():
       return
+    def kept(line: str) -> bool:
+      try:
+        return json.loads(line)['step'] <= step
+      except (ValueError, KeyError, TypeError):
+        return False  # A line torn by a killed process.
+
     keep = [line for line in self.path.read_text().splitlines()
-            if line and json.loads(line)['step'] <= step]
-    self.path.write_text(''.join(line + '\n' for line in keep))
+            if line and kept(line)]
+    tmp = self.path.with_suffix('.jsonl.tmp')  # Killed here: nothing lost.
+    tmp.write_text(''.join(line + '\n' for line in keep))
+    tmp.replace(self.path)
 
   def close(self) -> None:
     if self._tb is not None:

@@ -2,9 +2,9 @@
 
 One train step is forward, loss, gradients and the optimizer update, compiled
 once with the shardings of every input and output and with the old params and
-optimizer state donated. A step whose loss or gradients are not finite is
-skipped inside the compiled step: parameters and optimizer state come back
-unchanged and ``skipped`` is 1.
+optimizer state donated. A step whose loss, gradient norm or updated
+parameters are not finite is skipped inside the compiled step: parameters and
+optimizer state come back unchanged and ``skipped`` is 1.
 """
 
 from __future__ import annotations
@@ -31,7 +31,12 @@ def _train_step(setup: TrainSetup, params: Params, opt_state: Any,
   grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = setup.tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
-  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+  # Also the new params: an optimizer that made NaN or Inf from finite
+  # gradients must not poison the state (all-finite, so no overflow in a norm).
+  params_finite = jax.tree.reduce(
+      jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(),
+                                    new_params), jnp.bool_(True))
+  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm) & params_finite
   keep = lambda new, old: jax.tree.map(
       lambda n, o: jnp.where(finite, n, o), new, old)
   metrics = {'loss': value, 'grad_norm': grad_norm,
