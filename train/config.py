@@ -23,7 +23,11 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """LLaMA shape. Compute in ``dtype``, parameters stored in ``param_dtype``."""
+  """LLaMA shape. Compute in ``dtype``, parameters stored in ``param_dtype``.
+
+  ``remat`` recomputes each block's activations in the backward pass (keeping
+  only the block inputs): less memory for about a third more compute.
+  """
   vocab_size: int = 2048
   d_model: int = 128
   n_layers: int = 4
@@ -35,6 +39,7 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

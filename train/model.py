@@ -281,8 +281,14 @@ class Llama(nnx.Module):
     if segment_ids is not None:
       mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     x = self.embed(tokens).astype(jnp.dtype(cfg.dtype))
+
+    def run_block(block, x):
+      return block(x, positions, mask)
+
+    if cfg.remat:  # Keep only block inputs; recompute the rest in backward.
+      run_block = nnx.remat(run_block)
     for block in self.layers:
-      x = block(x, positions, mask)
+      x = run_block(block, x)
     return self.lm_head(self.final_norm(x)).astype(jnp.float32)
 
 

@@ -2,6 +2,8 @@
 
 import math
 
+import chex
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -255,3 +257,19 @@ def test_adam_reduces_loss():
   losses = [float(step(model, optimizer, batch)) for _ in range(10)]
   assert all(np.isfinite(losses))
   assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+              max_seq_len=16)
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+  batch = {'inputs': tokens, 'targets': jnp.roll(tokens, -1, axis=1)}
+  results = []
+  for remat in (False, True):
+    model = Llama(ModelConfig(**base, remat=remat), rngs=nnx.Rngs(0))
+    grads_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch)[0])
+    results.append(grads_fn(model))
+  (loss_a, grads_a), (loss_b, grads_b) = results
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+  chex.assert_trees_all_close(nnx.to_pure_dict(grads_a),
+                              nnx.to_pure_dict(grads_b), rtol=1e-5, atol=1e-7)
