@@ -1,7 +1,5 @@
 """Every SCALE transformation: jit and no-jit, mixed shapes and dtypes."""
 
-import functools
-
 from absl.testing import parameterized
 import chex
 import jax
@@ -327,3 +325,19 @@ def test_path_str_on_key_paths():
   from jax.tree_util import DictKey, GetAttrKey, SequenceKey
   path = (DictKey('layers'), SequenceKey(3), GetAttrKey('attn'), DictKey('q'))
   assert scale_optax.path_str(path) == 'layers/3/attn/q'
+
+
+@pytest.mark.parametrize('shape,loop', [((64, 16384), True),
+                                        ((64, 16383), False),
+                                        ((4096, 64), False)])
+def test_column_normalize_wide_leaf_on_cpu(shape, loop):
+  # scale_optax sums wide leaves row by row on a single CPU device (XLA:CPU's
+  # column reduction of a [512, 32000] head runs at ~1 GB/s); same result.
+  g = jax.random.normal(jax.random.key(0), shape) * jnp.arange(1, shape[1] + 1)
+  tx = scale_optax.column_normalize()
+  f = jax.jit(lambda g: tx.update({'w': g}, tx.init({'w': g}))[0]['w'])
+  g64 = np.asarray(g, np.float64)
+  want = g64 / np.sqrt(np.mean(g64 ** 2, axis=0, keepdims=True))
+  np.testing.assert_allclose(np.asarray(f(g)), want, rtol=1e-5, atol=1e-6)
+  if jax.default_backend() == 'cpu' and len(jax.devices('cpu')) == 1:
+    assert ('while(' in f.lower(g).compile().as_text()) == loop
