@@ -234,21 +234,29 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
   return f'{problem}{where}' + (f' ({context})' if context else '')
 
 
+def read_yaml_file(path: str | pathlib.Path, what: str,
+                   error: type[Exception] = ConfigError) -> Any:
+  """Parses a YAML file; a missing or unparsable file raises ``error``.
+
+  The message starts with ``what`` and the path (``config file x.yaml: ...``).
+  """
+  path = pathlib.Path(path)
+  try:
+    text = path.read_text()
+  except OSError as e:
+    raise error(f'{what} {path}: {e.strerror}.') from None
+  try:
+    return yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    raise error(f'{what} {path} does not parse: {_yaml_problem(e)}') from None
+
+
 def load_config(path: Optional[str | pathlib.Path] = None,
                 overrides: typing.Sequence[str] = ()) -> Config:
   """Reads a YAML config, applies ``key=value`` overrides, validates it."""
   values: dict[str, Any] = {}
   if path is not None:
-    path = pathlib.Path(path)
-    try:
-      text = path.read_text()
-    except OSError as e:
-      raise ConfigError(f'config file {path}: {e.strerror}.') from None
-    try:
-      values = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-      raise ConfigError(f'config file {path} does not parse: '
-                        f'{_yaml_problem(e)}') from None
+    values = read_yaml_file(path, 'config file') or {}
     if not isinstance(values, dict):
       raise ConfigError(f'config file {path}: expected a mapping of sections.')
   for text in overrides:

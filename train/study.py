@@ -56,7 +56,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from train.config import Config, ConfigError, _build, to_dict, validate
+from train.config import (Config, ConfigError, _build, read_yaml_file, to_dict,
+                          validate)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / 'configs' / 'study.yaml'
@@ -258,15 +259,7 @@ def parse_study(values: Any, source: Optional[str] = None) -> Study:
 
 def load_study(path: str | os.PathLike) -> Study:
   """Reads and validates a study YAML file."""
-  path = pathlib.Path(path)
-  try:
-    text = path.read_text()
-  except OSError as e:
-    raise StudyConfigError(f'study config {path}: {e.strerror}.') from None
-  try:
-    values = yaml.safe_load(text)
-  except yaml.YAMLError as e:
-    raise StudyConfigError(f'study config {path} does not parse: {e}') from None
+  values = read_yaml_file(path, 'study config', StudyConfigError)
   return parse_study(values, str(path))
 
 
