@@ -1,4 +1,4 @@
-"""The study runner (train/study.py) and the gradient-variance diagnostic."""
+"""The study runner (train/study/) and the gradient-variance diagnostic."""
 
 import copy
 import csv

@@ -1,0 +1,8 @@
+"""``python -m train.study``: see :mod:`train.study`."""
+
+import sys
+
+from train.study import main
+
+if __name__ == '__main__':
+  sys.exit(main())

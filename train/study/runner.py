@@ -1,0 +1,225 @@
+"""Run state on disk and running."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+import signal
+import time
+import traceback
+from concurrent import futures
+from typing import Any, Optional
+
+import yaml
+
+from train.config import Config, _build, to_dict
+from train.study.config import RunSpec, Study
+
+
+def run_state(spec: RunSpec) -> str:
+  """``'done'``, ``'diverged'``, ``'partial'`` (resume) or ``'new'``.
+
+  ``'new'`` also covers a folder left by a run with a different config (it
+  starts again from scratch: :func:`_clear_stale` empties it first).
+  """
+  d = spec.run_dir
+  try:
+    saved = yaml.safe_load((d / 'config.yaml').read_text())
+  except (OSError, yaml.YAMLError):
+    return 'new'
+  if not config_matches(saved, spec.config):
+    return 'new'
+  summary = _read_json(d / 'summary.json')
+  if (summary and summary.get('steps') == spec.config.train.steps
+      and not summary.get('stopped_by')
+      and summary.get('eval_loss') is not None):
+    return 'done'
+  if _read_json(d / 'failed.json'):
+    return 'diverged'
+  return 'partial'
+
+
+def config_matches(saved: Any, config: Config) -> bool:
+  """Whether a run's saved ``config.yaml`` describes ``config``.
+
+  Keys the saved config lacks (added to the trainer after the run) match when
+  ``config`` has their default; keys it has that the trainer no longer knows
+  are ignored. Every other value must be equal.
+  """
+  if not isinstance(saved, dict):
+    return False
+  current, default = to_dict(config), to_dict(Config())
+  for section, values in current.items():
+    old = saved.get(section)
+    if not isinstance(old, dict):
+      return False
+    for key, value in values.items():
+      if (old[key] if key in old else default[section][key]) != value:
+        return False
+  return True
+
+
+def _read_json(path: pathlib.Path) -> Optional[dict[str, Any]]:
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def _clear_stale(d: pathlib.Path) -> None:
+  """Removes a previous run's outputs (a different config) from ``d``."""
+  for name in ('summary.json', 'failed.json', 'metrics.jsonl', 'loss.png',
+               'config.yaml', 'train.log'):
+    (d / name).unlink(missing_ok=True)
+  for name in ('checkpoints', 'tensorboard'):
+    shutil.rmtree(d / name, ignore_errors=True)
+
+
+_STOP_REQUESTED: list[str] = []
+
+
+def _worker_init() -> None:
+  """In a pool worker: SIGTERM / SIGINT between runs only set a flag
+  (during a run the trainer's own handler saves a checkpoint and returns)."""
+  def request_stop(signum, frame):
+    del frame
+    _STOP_REQUESTED.append(signal.Signals(signum).name)
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, request_stop)
+
+
+def execute_run(run_dir_str: str, config_values: dict[str, Any], state: str,
+                prune: bool) -> dict[str, Any]:
+  """Trains one run (in this process or a worker); output goes to train.log.
+
+  Returns ``{'status': 'done'|'diverged'|'stopped'|'error', ...}``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from train.loop import TrainingError, train  # pylint: disable=g-import-not-at-top
+  if _STOP_REQUESTED:  # Stopped before this run began: leave it as it is.
+    return {'status': 'stopped', 'error': _STOP_REQUESTED[0], 'wall_s': 0.0}
+  config = _build(Config, config_values, '')
+  d = pathlib.Path(run_dir_str)
+  if state == 'new':
+    _clear_stale(d)
+  (d / 'summary.json').unlink(missing_ok=True)
+  (d / 'failed.json').unlink(missing_ok=True)
+  d.mkdir(parents=True, exist_ok=True)
+  t0 = time.time()
+  result: dict[str, Any]
+  with open(d / 'train.log', 'a') as log, contextlib.redirect_stdout(log), \
+      contextlib.redirect_stderr(log):
+    print(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")} study run '
+          f'({"resume" if state == "partial" else "fresh"})', flush=True)
+    try:
+      summary = train(config, resume=state == 'partial')
+      status = 'stopped' if summary.get('stopped_by') else 'done'
+      result = {'status': status, 'summary': summary}
+    except TrainingError as e:
+      failure = {'status': 'diverged', 'error': str(e)}
+      (d / 'failed.json').write_text(json.dumps(failure, indent=2))
+      result = failure
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      result = {'status': 'error', 'error': f'{type(e).__name__}: {e}'}
+  jax.clear_caches()  # Each run compiles its own steps; free the old ones.
+  if prune and result['status'] in ('done', 'diverged'):
+    shutil.rmtree(d / 'checkpoints', ignore_errors=True)
+  result['wall_s'] = time.time() - t0
+  return result
+
+
+class _Runner:
+  """Runs specs in this process (jobs=1) or in a pool of spawned workers."""
+
+  def __init__(self, study: Study, jobs: int, say):
+    self.study, self.jobs, self.say = study, jobs, say
+    self.results: dict[pathlib.Path, dict[str, Any]] = {}
+    self.stopped = False
+
+  def run(self, specs: list[RunSpec], phase: str) -> None:
+    todo = []
+    for spec in specs:
+      state = run_state(spec)
+      if state in ('done', 'diverged'):
+        self.results[spec.run_dir] = {'status': 'skipped', 'state': state}
+        self.say(f'[{phase}] {spec.label}: {state}, skipped')
+      else:
+        todo.append((spec, state))
+    if not todo or self.stopped:
+      return
+    self.say(f'[{phase}] {len(todo)} run(s) to train'
+             f'{f" in {self.jobs} processes" if self.jobs > 1 else ""}')
+    args = lambda spec, state: (str(spec.run_dir), to_dict(spec.config), state,
+                                self.study.prune_checkpoints)
+    if self.jobs == 1:
+      for i, (spec, state) in enumerate(todo):
+        if self.stopped:
+          break
+        self._record(spec, state, execute_run(*args(spec, state)), i, len(todo),
+                     phase)
+      return
+    # At most `jobs` runs are submitted at a time, so a stop leaves nothing
+    # queued in the pool.
+    ctx = multiprocessing.get_context('spawn')
+    queue, running, count = list(todo), {}, 0
+    with futures.ProcessPoolExecutor(self.jobs, mp_context=ctx,
+                                     initializer=_worker_init) as pool:
+
+      def stop(signum, frame):
+        # SIGTERM / Ctrl-C: no new runs; each running trainer gets SIGTERM,
+        # saves a checkpoint and returns (the run resumes next time).
+        del frame
+        if not self.stopped:
+          self.say(f'{signal.Signals(signum).name}: stopping the running '
+                   f'runs (checkpoints are saved)')
+        self.stopped = True
+        for process in list(getattr(pool, '_processes', {}).values()):
+          with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+
+      handlers = {s: signal.signal(s, stop)
+                  for s in (signal.SIGTERM, signal.SIGINT)}
+      try:
+        while queue or running:
+          while queue and len(running) < self.jobs and not self.stopped:
+            spec, state = queue.pop(0)
+            running[pool.submit(execute_run, *args(spec, state))] = (spec,
+                                                                    state)
+          if not running:
+            break
+          done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+          for future in done:
+            spec, state = running.pop(future)
+            try:
+              result = future.result()
+            except Exception as e:  # pylint: disable=broad-except
+              result = {'status': 'stopped' if self.stopped else 'error',
+                        'error': f'{type(e).__name__}: {e}', 'wall_s': 0.0}
+            self._record(spec, state, result, count, len(todo), phase)
+            count += 1
+      finally:
+        for s, handler in handlers.items():
+          signal.signal(s, handler)
+
+  def _record(self, spec, state, result, i, n, phase) -> None:
+    self.results[spec.run_dir] = {**result, 'state': state}
+    status = result['status']
+    detail = ''
+    if status in ('done', 'stopped') and (result.get('summary') or {}).get(
+        'eval_loss') is not None:
+      s = result['summary']
+      detail = (f', eval loss {s["eval_loss"]:.4f}, perplexity '
+                f'{s["eval_perplexity"]:.2f}')
+    elif status in ('diverged', 'error'):
+      detail = f': {result["error"].splitlines()[0]}'
+    verb = 'resumed, ' if state == 'partial' else ''
+    self.say(f'[{phase} {i + 1}/{n}] {spec.label}: {verb}{status}{detail} '
+             f'({result["wall_s"]:.0f} s; log {spec.run_dir / "train.log"})')
+    if status == 'stopped':
+      self.stopped = True
