@@ -27,6 +27,7 @@ from train.checkpoint import Checkpointer, set_aside
 from train.config import Config, to_dict
 from train.diagnostics import make_gradient_variance
 from train.metrics import MetricsWriter, plot_losses
+from train.model import param_count
 from train.optim import make_optimizer
 from train.state import TrainSetup, make_setup, memory_report
 from train.step import make_eval_step, make_train_step
@@ -106,8 +107,7 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
   tx, schedule = make_optimizer(config.optimizer, config.train.steps)
   setup = make_setup(config, mesh, tx, schedule)
   memory = memory_report(setup)
-  say(f'model: {memory["param_bytes"] / 4:,.0f} params' if
-      config.model.param_dtype == 'float32' else 'model:',
+  say(f'model: {param_count(config.model):,} params',
       f'| param bytes {memory["param_bytes"]:,} | {config.optimizer.name} '
       f'state bytes {memory["opt_state_bytes"]:,} '
       f'({memory["opt_state_bytes"] / memory["param_bytes"]:.3f} x params) '
