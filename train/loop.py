@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import yaml
 
@@ -88,6 +89,19 @@ class _StopFlag:
 
   def install(self) -> dict[int, Any]:
     return {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def agreed(self) -> bool:
+    """Whether any process was signalled; all processes get the same answer.
+
+    With several processes the flags are all-gathered every step (a few bytes)
+    so every process saves the same step and exits together; otherwise a
+    process stopping alone would leave the others waiting in a collective.
+    """
+    if jax.process_count() > 1:
+      flags = multihost_utils.process_allgather(np.int32(self.reason is not None))
+      if self.reason is None and np.asarray(flags).any():
+        self.reason = 'stop requested on another process'
+    return self.reason is not None
 
 
 def train(config: Config, resume: bool = True) -> dict[str, Any]:
@@ -220,13 +234,13 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
           eval_result = evaluate(setup, eval_step, params, eval_batches)
           writer.write('eval', step, tokens=tokens, **eval_result)
           tell(f'step {step}: eval loss {eval_result["loss"]:.4f}, '
-                         f'perplexity {eval_result["perplexity"]:.2f}')
+               f'perplexity {eval_result["perplexity"]:.2f}')
+        stopping = stop.agreed()
         if step % config.train.checkpoint_every == 0 or \
-            step == config.train.steps or stop.reason:
+            step == config.train.steps or stopping:
           save(step)
-        if stop.reason:
-          tell(f'{stop.reason}: checkpoint saved at step {step}, '
-                         f'exiting.')
+        if stopping:
+          tell(f'{stop.reason}: checkpoint saved at step {step}, exiting.')
           break
   finally:
     progress.close()

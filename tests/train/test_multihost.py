@@ -14,8 +14,10 @@ with a one-process run.)
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -132,18 +134,26 @@ def test_check_batch_needs_each_process_to_own_its_rows(monkeypatch):
 STEPS = ('train.steps=5', 'train.eval_every=5', 'train.checkpoint_every=3')
 
 
-def _two_processes(run_dir, data_dir, cache_dir, *args, timeout=240):
-  """Runs ``python -m train`` as processes 0 and 1; returns their outputs."""
+def _start_two_processes(run_dir, data_dir, cache_dir, *args):
+  """Starts ``python -m train`` as processes 0 and 1 of one run."""
   port = du.free_loopback_port()
   procs = []
   for i in range(2):
-    cmd = [sys.executable, '-m', 'train', *du.SMALL, *STEPS, *args,
+    cmd = [sys.executable, '-m', 'train', *du.SMALL, *args,
            f'data.data_dir={data_dir}', f'train.run_dir={run_dir}',
            f'distributed.coordinator_address=127.0.0.1:{port}',
            'distributed.num_processes=2', f'distributed.process_id={i}']
     procs.append(subprocess.Popen(
         cmd, cwd=du.REPO, env=du.subprocess_env(4, cache_dir),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _two_processes(run_dir, data_dir, cache_dir, *args, timeout=240,
+                   procs=None):
+  """Runs (or waits for) processes 0 and 1; returns their outputs."""
+  if procs is None:
+    procs = _start_two_processes(run_dir, data_dir, cache_dir, *STEPS, *args)
   outputs = []
   try:
     for p in procs:
@@ -203,3 +213,30 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path_factory, tmp_path):
   (evaluation_again,) = du.records(resumed, 'eval')
   np.testing.assert_allclose(evaluation_again['loss'], evaluation['loss'],
                              rtol=2e-5)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(
+    tmp_path_factory, tmp_path):
+  cache_dir = du.compile_cache_dir(tmp_path_factory)
+  data_dir = du.shared_data_dir(tmp_path_factory)
+  run_dir = tmp_path / 'run'
+  procs = _start_two_processes(
+      run_dir, data_dir, cache_dir, 'train.steps=10000',
+      'train.eval_every=10000', 'train.checkpoint_every=10000',
+      'train.log_every=1', 'train.progress=false')
+  deadline = time.monotonic() + 180
+  while not (run_dir / 'metrics.jsonl').exists() or \
+      len(du.records(run_dir)) < 3:
+    assert time.monotonic() < deadline and all(
+        p.poll() is None for p in procs), 'the run did not reach step 3'
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # Preemption notice to one host only.
+  outs = _two_processes(run_dir, data_dir, cache_dir, procs=procs, timeout=120)
+  summary = json.loads((run_dir / 'summary.json').read_text())
+  assert summary['stopped_by'] == 'stop requested on another process'
+  assert 'SIGTERM: checkpoint saved' not in outs[0]
+  step = summary['steps']
+  assert 3 <= step < 10000
+  data = run_dir / 'checkpoints' / str(step) / 'data'
+  assert sorted(p.name for p in data.iterdir() if p.suffix == '.json') == [
+      'process_0-of-2.json', 'process_1-of-2.json']
