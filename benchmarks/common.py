@@ -38,6 +38,14 @@ def compute_dtype(choice: str) -> str:
   return 'bfloat16' if on_gpu() else 'float32'
 
 
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+  """``--dtype``, read with :func:`compute_dtype`."""
+  parser.add_argument('--dtype', default='auto',
+                      choices=['auto', 'float32', 'bfloat16'],
+                      help='compute dtype (auto: bfloat16 on a GPU, float32 '
+                      'on CPU)')
+
+
 def config_for(name: str, overrides: Sequence[str] = ()) -> Config:
   """Loads ``configs/<name>.yaml`` (or a path) with dotted overrides."""
   return load_config(resolve_config_path(name), list(overrides))

@@ -181,10 +181,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       help='sequences per step for the compiled peak '
                       '(default 8; the paper uses 512, whose activations '
                       'dominate everything else)')
-  parser.add_argument('--dtype', default='auto',
-                      choices=['auto', 'float32', 'bfloat16'],
-                      help='compute dtype for the compiled step (auto: '
-                      'bfloat16 on a GPU, float32 on CPU)')
+  common.add_dtype_arg(parser)
   parser.add_argument('--no-what-if', dest='what_if', action='store_false',
                       help='skip the extra compiles (bf16 compute, a quarter '
                       'of the batch) behind the advice paragraph')

@@ -54,10 +54,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       'see the module docstring)')
   parser.add_argument('--seq-len', type=int, default=None,
                       help='tokens per sequence (default: the config\'s)')
-  parser.add_argument('--dtype', default='auto',
-                      choices=['auto', 'float32', 'bfloat16'],
-                      help='compute dtype (auto: bfloat16 on a GPU, float32 '
-                      'on CPU)')
+  common.add_dtype_arg(parser)
   parser.add_argument('--repeats', type=int, default=10,
                       help='interleaved rounds per config (default 10)')
   parser.add_argument('--steps-per-round', type=int, default=1,
