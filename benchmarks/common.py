@@ -14,7 +14,7 @@ import jax
 
 from train.__main__ import resolve_config_path
 from train.config import Config, load_config
-from train.optim import OPTIMIZERS
+from train.optim import KNOWN
 
 GB = 1e9      # Decimal gigabytes, as the paper reports memory.
 MB = 1e6
@@ -56,10 +56,10 @@ def split_list(text: str) -> list[str]:
 
 
 def check_optimizers(names: Sequence[str]) -> None:
-  unknown = [n for n in names if n not in OPTIMIZERS]
+  unknown = [n for n in names if n not in KNOWN]
   if unknown:
     raise SystemExit(f'unknown optimizer(s) {unknown}; known: '
-                     f'{", ".join(sorted(OPTIMIZERS))}')
+                     f'{", ".join(KNOWN)}')
 
 
 def add_common_args(parser: argparse.ArgumentParser, configs: Sequence[str],

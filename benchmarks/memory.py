@@ -115,7 +115,8 @@ def _int_scalars(tree: Any) -> int:
 def abstract_row(config: Config) -> dict[str, Any]:
   """Bytes of params, grads and optimizer state from abstract shapes."""
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
-  tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+  tx, schedule = make_optimizer(config.optimizer, config.train.steps,
+                                config.rivals)
   setup = make_setup(config, mesh, tx, schedule)
   params = scale_optax.state_bytes(setup.abstract_params)
   state = scale_optax.state_bytes(setup.abstract_opt_state)

@@ -83,7 +83,8 @@ class Case:
     self.name = config.optimizer.name
     mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
     self.mesh = mesh
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps,
+                                  config.rivals)
     setup = make_setup(config, mesh, tx, schedule)
     with jax.set_mesh(mesh):
       self.params = setup.init_params(seed)

@@ -113,7 +113,8 @@ class Case:
                mode: str):
     self.name = name
     mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps,
+                                  config.rivals)
     setup = make_setup(config, mesh, tx, schedule)
     self.params = jax.tree.map(jnp.copy, params)
     self.state = jax.jit(tx.init)(self.params)
@@ -203,7 +204,8 @@ def run_config(args: argparse.Namespace, cname: str) -> dict[str, Any]:
              for o in args.optimizers}
   first = configs[args.optimizers[0]]
   mesh = mesh_lib.make_mesh(first.mesh, jax.devices()[:1])
-  tx0, schedule0 = make_optimizer(first.optimizer, first.train.steps)
+  tx0, schedule0 = make_optimizer(first.optimizer, first.train.steps,
+                                  first.rivals)
   setup0 = make_setup(first, mesh, tx0, schedule0)
   params = setup0.init_params(args.seed)
   key = jax.random.key(args.seed + 1)

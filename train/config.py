@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from train import rivals_config
+
 
 class ConfigError(ValueError):
   """A bad config: the message names the key (``section.key``)."""
@@ -140,6 +142,8 @@ class Config:
   mesh: MeshConfig = MeshConfig()
   train: TrainConfig = TrainConfig()
   distributed: DistributedConfig = DistributedConfig()
+  # The paper's other rows (train/rivals_config.py).
+  rivals: rivals_config.RivalsConfig = rivals_config.RivalsConfig()
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -259,12 +263,28 @@ def load_config(path: Optional[str | pathlib.Path] = None,
     values = read_yaml_file(path, 'config file') or {}
     if not isinstance(values, dict):
       raise ConfigError(f'config file {path}: expected a mapping of sections.')
+  overridden = set()
   for text in overrides:
     key, value = parse_override(text)
     _set_dotted(values, key, value)
+    overridden.add(key)
+  _use_published_rate(values, overridden)
   config = _build(Config, values, '')
   validate(config)
   return config
+
+
+def _use_published_rate(values: dict[str, Any], overridden: set[str]) -> None:
+  """A rival's own ``rivals.<name>.learning_rate`` becomes the peak rate.
+
+  Only when ``optimizer.name`` selects it and no override sets
+  ``optimizer.learning_rate`` (train/rivals_config.py).
+  """
+  rate = rivals_config.published_rate(values)
+  if rate is not None and 'optimizer.learning_rate' not in overridden:
+    optimizer = values.setdefault('optimizer', {})
+    if isinstance(optimizer, dict):
+      optimizer['learning_rate'] = rate
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -343,6 +363,8 @@ def validate(config: Config) -> None:
   except (KeyError, IndexError, ValueError) as e:
     raise ConfigError(f'train.run_dir: {t.run_dir!r} may only use the '
                       f'placeholder {{optimizer}} ({e!r}).') from None
+  for key, message in rivals_config.problems(config.rivals):
+    raise ConfigError(f'{key}: {message}')
   # Divisibility by the data-parallel size is checked against the real device
   # count at start-up (train.mesh.check_divisible), where it is known.
 

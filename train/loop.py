@@ -118,7 +118,8 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
   dataset = mesh_lib.main_process_first(
       lambda: data_lib.prepare(config.data, config.model.vocab_size),
       'prepare_data')
-  tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+  tx, schedule = make_optimizer(config.optimizer, config.train.steps,
+                                config.rivals)
   setup = make_setup(config, mesh, tx, schedule)
   memory = memory_report(setup)
   say(f'model: {param_count(config.model):,} params',

@@ -16,7 +16,9 @@ import jax
 import optax
 
 import scale_optax
+from scale_optax import contrib
 from train.config import ConfigError, OptimizerConfig
+from train.rivals_config import RivalsConfig
 
 Builder = Callable[[OptimizerConfig, optax.Schedule, optax.Schedule],
                    optax.GradientTransformation]
@@ -76,6 +78,53 @@ OPTIMIZERS: dict[str, Builder] = {
 }
 
 
+# ---- The paper's other rows (scale_optax.contrib), set by config.rivals ----
+# Each takes (optimizer config, the method's block of config.rivals, schedule,
+# vector schedule, total steps). The released eps of each method is used,
+# not optimizer.eps; the GaLore family trains every parameter at one rate.
+RivalBuilder = Callable[[OptimizerConfig, Any, optax.Schedule, optax.Schedule,
+                         int], optax.GradientTransformation]
+
+
+
+def _rescaled(schedule: optax.Schedule, peak: float,
+              new_peak: float | None) -> optax.Schedule:
+  """``schedule`` with its peak moved to ``new_peak`` (None: unchanged)."""
+  if new_peak is None:
+    return schedule
+  return lambda count: schedule(count) * (new_peak / peak)
+
+
+RIVALS: dict[str, RivalBuilder] = {
+    'galore': lambda c, r, lr, vlr, steps: contrib.galore(
+        lr, rank=r.rank, update_gap=r.update_gap, scale=r.scale, b1=c.b1,
+        b2=c.b2, weight_decay=c.weight_decay),
+    'fira': lambda c, r, lr, vlr, steps: contrib.fira(
+        lr, rank=r.rank, update_gap=r.update_gap, alpha=r.scale, b1=c.b1,
+        b2=c.b2, weight_decay=c.weight_decay),
+    'apollo': lambda c, r, lr, vlr, steps: contrib.apollo(
+        lr, rank=r.rank, update_gap=r.update_gap, scale=r.scale,
+        scale_front=r.scale_front, seed=r.seed, b1=c.b1, b2=c.b2,
+        weight_decay=c.weight_decay),
+    'apollo_mini': lambda c, r, lr, vlr, steps: contrib.apollo_mini(
+        lr, rank=r.rank, update_gap=r.update_gap, scale=r.scale,
+        scale_front=r.scale_front, seed=r.seed, b1=c.b1, b2=c.b2,
+        weight_decay=c.weight_decay),
+    'stable_spam': lambda c, r, lr, vlr, steps: contrib.stable_spam(
+        lr, gamma1=r.gamma1, gamma2=r.gamma2, theta=r.theta,
+        t_max=r.t_max or steps, eta_min=r.eta_min,
+        reset_interval=r.reset_interval, b1=c.b1, b2=c.b2,
+        weight_decay=c.weight_decay),
+    'swan': lambda c, r, lr, vlr, steps: contrib.swan(
+        lr, adam_learning_rate=_rescaled(lr, c.learning_rate,
+                                         r.adam_learning_rate),
+        ns_steps=r.ns_steps, beta=r.beta, adam_b1=c.b1, adam_b2=c.b2),
+}
+# ---- end of the paper's other rows ----
+
+KNOWN = tuple(sorted([*OPTIMIZERS, *RIVALS]))
+
+
 def make_schedule(config: OptimizerConfig, total_steps: int,
                   peak: float | None = None) -> optax.Schedule:
   """Linear warmup then cosine decay to ``min_lr_ratio`` of the peak."""
@@ -87,22 +136,31 @@ def make_schedule(config: OptimizerConfig, total_steps: int,
       end_value=peak * config.min_lr_ratio)
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int
+def make_optimizer(config: OptimizerConfig, total_steps: int,
+                   rivals: RivalsConfig | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the named optimizer, clipped, with the recipe's schedule.
+
+  ``rivals`` (``config.rivals``; None: the defaults, the 60M settings) sets
+  the method when ``config.name`` is one of :data:`RIVALS`.
 
   Returns:
     ``(tx, schedule)``: the transformation and the main learning-rate schedule.
     ``vector_learning_rate`` (AdamW's rate for 1-D leaves in SCALE and Muon)
     follows the same schedule with its own peak.
   """
-  if config.name not in OPTIMIZERS:
+  if config.name not in KNOWN:
     raise ConfigError(f'optimizer.name: unknown optimizer {config.name!r} '
-                      f'(known: {", ".join(sorted(OPTIMIZERS))}).')
+                      f'(known: {", ".join(KNOWN)}).')
   schedule = make_schedule(config, total_steps)
   vector_schedule = make_schedule(config, total_steps,
                                   peak=config.vector_learning_rate)
-  tx = OPTIMIZERS[config.name](config, schedule, vector_schedule)
+  if config.name in RIVALS:
+    block = getattr(rivals or RivalsConfig(), config.name)
+    tx = RIVALS[config.name](config, block, schedule, vector_schedule,
+                             total_steps)
+  else:
+    tx = OPTIMIZERS[config.name](config, schedule, vector_schedule)
   if config.grad_clip is not None:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
   return tx, schedule

@@ -124,7 +124,7 @@ def _names(key: str, value: Any, optimizers: dict[str, Any]) -> tuple[str, ...]:
 
 def parse_study(values: Any, source: Optional[str] = None) -> Study:
   """Validates a study config (a parsed YAML mapping) into a :class:`Study`."""
-  from train.optim import OPTIMIZERS  # pylint: disable=g-import-not-at-top
+  from train.optim import KNOWN  # pylint: disable=g-import-not-at-top
   if not isinstance(values, dict):
     raise StudyConfigError(f'study config {source or ""}: expected a mapping '
                            f'with keys {", ".join(_TOP_KEYS)}.')
@@ -161,8 +161,8 @@ def parse_study(values: Any, source: Optional[str] = None) -> Study:
   optimizers: dict[str, tuple[float, ...]] = {}
   for name, lrs in optimizers_raw.items():
     key = f'optimizers.{name}'
-    if name not in OPTIMIZERS:
-      raise _err(key, f'unknown optimizer (known: {", ".join(sorted(OPTIMIZERS))}).')
+    if name not in KNOWN:
+      raise _err(key, f'unknown optimizer (known: {", ".join(KNOWN)}).')
     if not isinstance(lrs, list) or not lrs:
       raise _err(key, f'expected a non-empty list of learning rates, got {lrs!r}.')
     rates = tuple(_number(f'{key}[{i}]', v) for i, v in enumerate(lrs))
