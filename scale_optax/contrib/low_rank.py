@@ -95,17 +95,13 @@ def low_rank_labels(low_rank: LowRankSpec = LOW_RANK_PARAMS
 class OutputRule(NamedTuple):
   """How the core turns ``(G, R, N, Q)`` into an update.
 
-  ``init(leaf)`` gives the rule's per-leaf state (or None); ``apply(g, r, n,
-  basis, axis, state, first)`` returns ``(update, state)``, where ``axis`` is
-  the kernel's compressed axis and ``first`` is True on step 1.
+  ``init(leaf)`` gives the rule's per-leaf state (``init`` None: the rule
+  keeps none); ``apply(g, r, n, basis, axis, state, first)`` returns
+  ``(update, state)``, where ``axis`` is the kernel's compressed axis and
+  ``first`` is True on step 1.
   """
-  init: Callable[[Any], Any]
+  init: Optional[Callable[[Any], Any]]
   apply: Callable[..., tuple[jax.Array, Any]]
-
-
-def _no_state(leaf):
-  del leaf
-  return None
 
 
 def _channel_phi(n: jax.Array, r: jax.Array, axis: int) -> jax.Array:
@@ -118,7 +114,7 @@ def back_projection() -> OutputRule:
   def apply(g, r, n, basis, axis, state, first):
     del g, r, first
     return projection.project_back(n, basis, axis), state
-  return OutputRule(_no_state, apply)
+  return OutputRule(None, apply)
 
 
 def fira_output(alpha: float, gamma: float = 1.01) -> OutputRule:
@@ -144,7 +140,7 @@ def channel_scaling() -> OutputRule:
   def apply(g, r, n, basis, axis, state, first):
     del basis, first
     return g * _channel_phi(n, r, axis), state
-  return OutputRule(_no_state, apply)
+  return OutputRule(None, apply)
 
 
 def tensor_scaling() -> OutputRule:
@@ -152,7 +148,7 @@ def tensor_scaling() -> OutputRule:
   def apply(g, r, n, basis, axis, state, first):
     del basis, axis, first
     return g * (jnp.linalg.norm(n) / (jnp.linalg.norm(r) + 1e-8)), state
-  return OutputRule(_no_state, apply)
+  return OutputRule(None, apply)
 
 
 # ------------------------------------------------------------------- core --
@@ -262,7 +258,8 @@ def scale_by_projected_adam(
             lambda p: jnp.zeros(projection.basis_shape(p.shape, rank, truncate),
                                 p.dtype), params),
         mu=moments(), nu=moments(),
-        output=jax.tree.map(output.init, params))
+        output=None if output.init is None else jax.tree.map(output.init,
+                                                             params))
 
   def update_fn(updates, state, params=None):
     del params
@@ -277,7 +274,8 @@ def scale_by_projected_adam(
     leaves, treedef = jax.tree.flatten(updates)
     old = treedef.flatten_up_to(state.basis)
     mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-    outs = treedef.flatten_up_to(state.output)
+    outs = ([None] * len(leaves) if state.output is None
+            else treedef.flatten_up_to(state.output))
     results = []
     for i, (g, q, m, v, o) in enumerate(zip(leaves, old, mus, nus, outs)):
       if basis == 'svd':
@@ -295,6 +293,8 @@ def scale_by_projected_adam(
       results.append((u.astype(g.dtype), q, m, v, o))
     u, q, m, v, o = (treedef.unflatten(list(x)) for x in zip(*results)) if (
         results) else (updates, state.basis, state.mu, state.nu, state.output)
+    if state.output is None:
+      o = None
     return u, ProjectedAdamState(optax.safe_increment(state.count), key, q, m,
                                  v, o)
 
