@@ -27,7 +27,9 @@ bias correction of 2 steps: the authors' code does exactly that, and the
 compared numbers came from it (pytorch-optimizer's port restarts cleanly and
 uses the global step in the clip and AdaGN corrections instead). A zero
 gradient still takes the Adam step. All three norm statistics are 0-d, per
-parameter.
+parameter, kept in float32 whatever the parameters' dtype (torch keeps them
+in the gradient's dtype, where a bfloat16 EMA with decay 0.99999 cannot
+move).
 
 Reference: Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than
 16-Bit Adam <https://arxiv.org/abs/2502.17055>`_, 2025.
