@@ -97,8 +97,8 @@ _MUON_NOTE = ('the paper counts one momentum per parameter (weights + P '
               'values); the trainer\'s Muon keeps AdamW\'s two moments for '
               'the embedding and LM head')
 _RANK_NOTE = ('the released 350M scripts\' rank 256 gives 1.39; 1.59 needs '
-              'rank ~388, which no script uses (the figure is copied from '
-              'APOLLO\'s paper)')
+              'rank ~388, which no released script uses (the SCALE release '
+              'quotes these rows from other papers)')
 PAPER_NOTES = {
     **{('muon', c): _MUON_NOTE for c in ('llama_60m', 'llama_130m',
                                          'llama_350m', 'llama_1b')},
