@@ -265,38 +265,39 @@ def scale_by_projected_adam(
     del params
     refresh = state.count % update_gap == 0
     first = state.count == 0
+    count = optax.safe_increment(state.count)
+    key = draw = None
     if basis == 'random':
       next_key, draw = jax.random.split(state.key)
       key = jnp.where(refresh, next_key, state.key)
-    else:
-      key = None
 
-    leaves, treedef = jax.tree.flatten(updates)
-    old = treedef.flatten_up_to(state.basis)
-    mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-    outs = ([None] * len(leaves) if state.output is None
-            else treedef.flatten_up_to(state.output))
-    results = []
-    for i, (g, q, m, v, o) in enumerate(zip(leaves, old, mus, nus, outs)):
+    def leaf_step(i, g, q, m, v, o):
       if basis == 'svd':
-        make = lambda g=g, q=q: projection.svd_basis(g, q.shape[1])
+        make = lambda: projection.svd_basis(g, q.shape[1])
       else:
-        make = lambda g=g, q=q, i=i: projection.random_basis(
+        make = lambda: projection.random_basis(
             jax.random.fold_in(draw, i), g.shape, rank, q.dtype)
-      q = jax.lax.cond(refresh, make, lambda q=q: q)
+      q = jax.lax.cond(refresh, make, lambda: q)
       r = projection.project(g, q.astype(g.dtype))
       m = b1 * m + (1 - b1) * r.astype(m.dtype)
       v = b2 * v + (1 - b2) * jnp.square(r.astype(v.dtype))
       n = (m / (jnp.sqrt(v) + eps)).astype(g.dtype)
       u, o = output.apply(g, r, n, q.astype(g.dtype),
                           projection.compressed_axis(g.shape), o, first)
-      results.append((u.astype(g.dtype), q, m, v, o))
-    u, q, m, v, o = (treedef.unflatten(list(x)) for x in zip(*results)) if (
-        results) else (updates, state.basis, state.mu, state.nu, state.output)
-    if state.output is None:
-      o = None
-    return u, ProjectedAdamState(optax.safe_increment(state.count), key, q, m,
-                                 v, o)
+      return u.astype(g.dtype), q, m, v, o
+
+    leaves, treedef = jax.tree.flatten(updates)
+    if not leaves:  # Every leaf masked out.
+      return updates, state._replace(count=count, key=key)
+    columns = [treedef.flatten_up_to(t) for t in (state.basis, state.mu,
+                                                  state.nu)]
+    outs = ([None] * len(leaves) if state.output is None
+            else treedef.flatten_up_to(state.output))
+    results = [leaf_step(i, *args)
+               for i, args in enumerate(zip(leaves, *columns, outs))]
+    u, q, m, v, o = (treedef.unflatten(list(x)) for x in zip(*results))
+    return u, ProjectedAdamState(count, key, q, m, v,
+                                 None if state.output is None else o)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
