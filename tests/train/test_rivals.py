@@ -93,6 +93,17 @@ def test_study_accepts_rivals_by_name():
   assert spec.config.optimizer.learning_rate == 1e-3    # The sweep's rate.
 
 
+def test_study_runs_saved_before_the_rivals_section_stay_valid():
+  from train.config import to_dict  # pylint: disable=g-import-not-at-top
+  from train.study import runner  # pylint: disable=g-import-not-at-top
+  config = load_config('configs/tiny.yaml')
+  saved = to_dict(config)
+  del saved['rivals']
+  assert runner.config_matches(saved, config)
+  other = load_config('configs/tiny.yaml', ['rivals.galore.rank=8'])
+  assert not runner.config_matches(saved, other)
+
+
 # A rate per method that trains the small model in 60 steps.
 RATES = {'galore': 1e-2, 'fira': 1e-2, 'apollo': 1e-2, 'apollo_mini': 1e-2,
          'stable_spam': 3e-3, 'swan': 3e-3}

@@ -46,15 +46,15 @@ def run_state(spec: RunSpec) -> str:
 def config_matches(saved: Any, config: Config) -> bool:
   """Whether a run's saved ``config.yaml`` describes ``config``.
 
-  Keys the saved config lacks (added to the trainer after the run) match when
-  ``config`` has their default; keys it has that the trainer no longer knows
-  are ignored. Every other value must be equal.
+  Keys or sections the saved config lacks (added to the trainer after the
+  run) match when ``config`` has their default; keys it has that the trainer
+  no longer knows are ignored. Every other value must be equal.
   """
   if not isinstance(saved, dict):
     return False
   current, default = to_dict(config), to_dict(Config())
   for section, values in current.items():
-    old = saved.get(section)
+    old = saved.get(section, {})
     if not isinstance(old, dict):
       return False
     for key, value in values.items():
