@@ -21,13 +21,24 @@ import jax.numpy as jnp
 import optax
 
 
+def _matrix_axes(u: jax.Array) -> tuple[int, ...]:
+  """The axes one norm covers: the last two (one norm per matrix of a
+  stack), or all of a vector."""
+  return (-2, -1) if u.ndim >= 2 else tuple(range(u.ndim))
+
+
 def limit_norm_growth(u: jax.Array, prev_norm: jax.Array, first: jax.Array,
                       gamma: float) -> tuple[jax.Array, jax.Array]:
-  """Returns ``(u limited, its norm)``; ``first``: only record the norm."""
-  norm = jnp.linalg.norm(u.astype(jnp.float32))
+  """Returns ``(u limited, its norm)``; ``first``: only record the norm.
+
+  One norm per matrix (``prev_norm`` has ``u``'s leading axes).
+  """
+  axes = _matrix_axes(u)
+  norm = jnp.sqrt(jnp.sum(jnp.square(u.astype(jnp.float32)), axis=axes))
   ratio = norm / (prev_norm.astype(jnp.float32) + 1e-8)
   divisor = jnp.where(first, 1.0, jnp.maximum(ratio, gamma) / gamma)
-  return ((u / divisor.astype(u.dtype)).astype(u.dtype),
+  scale = jnp.expand_dims(divisor, axes) if axes else divisor
+  return ((u / scale.astype(u.dtype)).astype(u.dtype),
           (norm / divisor).astype(prev_norm.dtype))
 
 
@@ -45,8 +56,8 @@ def scale_by_norm_growth_limiter(gamma: float = 1.01
     U_t \leftarrow U_t \Big/ \frac{\max(\lVert U_t\rVert / (s_{t-1} +
     10^{-8}), \gamma)}{\gamma}, \qquad s_t = \lVert U_t \rVert,
 
-  on every step but the first. The state holds one scalar per leaf, in the
-  leaf's dtype.
+  on every step but the first. The state holds one scalar per matrix (per
+  leaf, or per matrix of a stack of kernels), in the leaf's dtype.
 
   Args:
     gamma: the largest allowed norm ratio between consecutive updates.
@@ -70,7 +81,8 @@ def scale_by_norm_growth_limiter(gamma: float = 1.01
   def init_fn(params):
     return NormGrowthLimiterState(
         jnp.zeros([], jnp.int32),
-        jax.tree.map(lambda p: jnp.zeros([], p.dtype), params))
+        jax.tree.map(lambda p: jnp.zeros(p.shape[:-2] if p.ndim >= 2 else (),
+                                         p.dtype), params))
 
   def update_fn(updates, state, params=None):
     del params

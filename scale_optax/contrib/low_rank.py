@@ -69,8 +69,9 @@ def low_rank_labels(low_rank: LowRankSpec = LOW_RANK_PARAMS
 
   Args:
     low_rank: a regular expression searched in the leaf's '/'-joined path, or
-      a callable ``fn(path, leaf) -> bool``; only 2-D leaves it selects are
-      labelled 'low_rank'.
+      a callable ``fn(path, leaf) -> bool``; only leaves of rank >= 2 it
+      selects are labelled 'low_rank' (rank 3: a stack of kernels, one
+      projection per matrix).
 
   Returns:
     A function of the parameters returning the tree of labels.
@@ -83,7 +84,7 @@ def low_rank_labels(low_rank: LowRankSpec = LOW_RANK_PARAMS
 
   def labels(params):
     def label(path, leaf):
-      chosen = leaf.ndim == 2 and select(paths.path_str(path), leaf)
+      chosen = leaf.ndim >= 2 and select(paths.path_str(path), leaf)
       return 'low_rank' if chosen else 'adam'
     return jax.tree_util.tree_map_with_path(label, params)
   return labels
@@ -105,7 +106,7 @@ class OutputRule(NamedTuple):
 
 
 def _channel_phi(n: jax.Array, r: jax.Array, axis: int) -> jax.Array:
-  norm = lambda x: jnp.linalg.norm(x, axis=axis, keepdims=True)
+  norm = lambda x: jnp.linalg.norm(x, axis=axis - 2, keepdims=True)
   return norm(n) / (norm(r) + 1e-8)
 
 
@@ -125,7 +126,7 @@ def fira_output(alpha: float, gamma: float = 1.01) -> OutputRule:
   scalar per leaf.
   """
   def init(leaf):
-    return jnp.zeros([], leaf.dtype)
+    return jnp.zeros(leaf.shape[:-2], leaf.dtype)
 
   def apply(g, r, n, basis, axis, state, first):
     phi = _channel_phi(n, r, axis)
@@ -147,7 +148,8 @@ def tensor_scaling() -> OutputRule:
   """APOLLO-Mini's output: ``G * ||N||_F / (||R||_F + 1e-8)``."""
   def apply(g, r, n, basis, axis, state, first):
     del basis, axis, first
-    return g * (jnp.linalg.norm(n) / (jnp.linalg.norm(r) + 1e-8)), state
+    norm = lambda x: jnp.linalg.norm(x, axis=(-2, -1), keepdims=True)
+    return g * (norm(n) / (norm(r) + 1e-8)), state
   return OutputRule(None, apply)
 
 
@@ -182,7 +184,8 @@ def scale_by_projected_adam(
 ) -> optax.GradientTransformation:
   r"""Adam's moments kept in a refreshed low-rank projection of each kernel.
 
-  For every 2-D leaf (``[in, out]``), at step :math:`t`:
+  For every kernel (``[in, out]``; leading axes of a stack of kernels are
+  batch axes, one basis per matrix), at step :math:`t`:
 
   .. math::
     Q_t = \begin{cases} \mathrm{basis}(G_t) & (t - 1) \bmod \mathrm{gap} = 0
@@ -239,11 +242,12 @@ def scale_by_projected_adam(
   truncate = basis == 'svd'
 
   def check(path, leaf):
-    if leaf.ndim != 2:
+    if leaf.ndim < 2:
       raise ValueError(
           f'scale_by_projected_adam: parameter {paths.path_str(path)!r} has '
-          f'shape {tuple(leaf.shape)}; only 2-D kernels can be projected '
-          f'(route the others elsewhere, e.g. with low_rank_labels).')
+          f'shape {tuple(leaf.shape)}; only kernels (rank >= 2) can be '
+          f'projected (route the others elsewhere, e.g. with '
+          f'low_rank_labels).')
 
   def init_fn(params):
     jax.tree_util.tree_map_with_path(check, params)
@@ -273,7 +277,7 @@ def scale_by_projected_adam(
 
     def leaf_step(i, g, q, m, v, o):
       if basis == 'svd':
-        make = lambda: projection.svd_basis(g, q.shape[1])
+        make = lambda: projection.svd_basis(g, q.shape[-1])
       else:
         make = lambda: projection.random_basis(
             jax.random.fold_in(draw, i), g.shape, rank, q.dtype)

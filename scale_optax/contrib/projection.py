@@ -1,6 +1,7 @@
 """Low-rank projection of a Flax kernel's gradient, GaLore-style.
 
-A Dense kernel is ``K = W^T`` with shape ``[in, out]`` (torch's weight ``W`` is
+A Dense kernel is ``K = W^T`` with shape ``[in, out]`` (leading axes, e.g. a
+stack of layers, are batch axes: one projection per matrix) (torch's weight ``W`` is
 ``[out, in]``). The released GaLore, Fira and APOLLO compress the smaller axis
 of ``W`` and, on a tie, its input axis. In Flax layout:
 
@@ -32,43 +33,50 @@ import jax.numpy as jnp
 
 
 def compressed_axis(shape: tuple[int, ...]) -> int:
-  """The compressed axis of a ``[in, out]`` kernel: 0 if ``out >= in``, else 1."""
-  if len(shape) != 2:
-    raise ValueError(f'low-rank projection needs a 2-D kernel, got shape '
-                     f'{tuple(shape)}.')
-  return 0 if shape[1] >= shape[0] else 1
+  """The compressed axis of a ``[..., in, out]`` kernel: 0 (``in``) if
+  ``out >= in``, else 1 (``out``), counted within the last two axes."""
+  if len(shape) < 2:
+    raise ValueError(f'low-rank projection needs a kernel of rank >= 2, got '
+                     f'shape {tuple(shape)}.')
+  return 0 if shape[-1] >= shape[-2] else 1
 
 
 def basis_shape(shape: tuple[int, ...], rank: int, truncate: bool
-                ) -> tuple[int, int]:
-  """Shape of ``Q``: ``[size of the compressed axis, r]``.
+                ) -> tuple[int, ...]:
+  """Shape of ``Q``: ``[..., size of the compressed axis, r]``.
 
-  ``truncate``: the SVD bases have at most ``min(shape)`` columns.
+  Leading axes (a stack of layers' kernels) are kept: one basis per matrix.
+  ``truncate``: the SVD bases have at most ``min(in, out)`` columns.
   """
-  axis = compressed_axis(shape)
-  r = min(rank, min(shape)) if truncate else rank
-  return shape[axis], r
+  matrix = shape[-2:]
+  r = min(rank, min(matrix)) if truncate else rank
+  return (*shape[:-2], matrix[compressed_axis(shape)], r)
 
 
 def projected_shape(shape: tuple[int, ...], rank: int, truncate: bool
-                    ) -> tuple[int, int]:
+                    ) -> tuple[int, ...]:
   """Shape of ``R``: the compressed axis replaced by the rank."""
-  axis = compressed_axis(shape)
-  r = basis_shape(shape, rank, truncate)[1]
-  return (r, shape[1]) if axis == 0 else (shape[0], r)
+  r = basis_shape(shape, rank, truncate)[-1]
+  if compressed_axis(shape) == 0:
+    return (*shape[:-2], r, shape[-1])
+  return (*shape[:-2], shape[-2], r)
+
+
+def _t(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
 
 
 def project(g: jax.Array, basis: jax.Array) -> jax.Array:
   """``R``: ``Q^T G`` (axis 0 compressed) or ``G Q`` (axis 1)."""
   if compressed_axis(g.shape) == 0:
-    return basis.T @ g
+    return _t(basis) @ g
   return g @ basis
 
 
 def project_back(x: jax.Array, basis: jax.Array, axis: int) -> jax.Array:
   """From the projected shape back to the kernel's: ``Q X`` (``axis`` 0) or
   ``X Q^T`` (``axis`` 1), ``axis`` the kernel's compressed axis."""
-  return basis @ x if axis == 0 else x @ basis.T
+  return basis @ x if axis == 0 else x @ _t(basis)
 
 
 def svd_basis(g: jax.Array, rank: int) -> jax.Array:
@@ -80,14 +88,14 @@ def svd_basis(g: jax.Array, rank: int) -> jax.Array:
   """
   a = g.astype(jnp.float32)
   if compressed_axis(g.shape) == 1:
-    a = a.T
+    a = _t(a)
   u, _, _ = jnp.linalg.svd(a, full_matrices=False)
-  return u[:, :rank].astype(g.dtype)
+  return u[..., :rank].astype(g.dtype)
 
 
 def random_basis(key: jax.Array, shape: tuple[int, ...], rank: int,
                  dtype: jnp.dtype) -> jax.Array:
   """A Gaussian ``Q`` with entries of variance ``1/r``, drawn in float32."""
-  dim = shape[compressed_axis(shape)]
-  q = jax.random.normal(key, (dim, rank), jnp.float32) / jnp.sqrt(rank)
+  q = jax.random.normal(key, basis_shape(shape, rank, truncate=False),
+                        jnp.float32) / jnp.sqrt(rank)
   return q.astype(dtype)

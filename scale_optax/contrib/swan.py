@@ -16,7 +16,7 @@ on the smaller Gram side (:math:`X X^\top` for :math:`m \le n`, otherwise
 \eta D`. Embeddings, LM head and norms take Adam.
 
 Choices the paper leaves open, each a parameter here: the statistics' axis
-(inputs, i.e. Flax axis 0), population std with :math:`\epsilon = 10^{-8}`
+(inputs, i.e. a Flax kernel's axis -2), population std with :math:`\epsilon = 10^{-8}`
 added to it, :math:`K = 10` Newton-Schulz steps of step size
 :math:`\beta = 1/2`, the Frobenius pre-normalization, no rescaling after the
 whitening, no weight decay. Centring makes :math:`\tilde G` orthogonal to the
@@ -39,7 +39,7 @@ import optax
 from scale_optax.contrib import low_rank
 
 
-def grad_norm(g: jax.Array, eps: float = 1e-8, axis: int = 0) -> jax.Array:
+def grad_norm(g: jax.Array, eps: float = 1e-8, axis: int = -2) -> jax.Array:
   """Centres and scales ``g`` over ``axis`` (the inputs of a Flax kernel)."""
   mean = jnp.mean(g, axis=axis, keepdims=True)
   std = jnp.sqrt(jnp.mean(jnp.square(g - mean), axis=axis, keepdims=True))
@@ -49,27 +49,30 @@ def grad_norm(g: jax.Array, eps: float = 1e-8, axis: int = 0) -> jax.Array:
 def whiten(g: jax.Array, ns_steps: int = 10, beta: float = 0.5) -> jax.Array:
   """``(X X^T)^{-1/2} X`` for ``X = g / ||g||`` by coupled Newton-Schulz.
 
-  ``g`` is a Flax kernel ``[in, out]``; the Gram matrix is taken on its
-  smaller side.
+  ``g`` is a Flax kernel ``[..., in, out]`` (leading axes: a stack of
+  kernels, each whitened alone); the Gram matrix is taken on its smaller
+  side.
   """
   x = g.astype(jnp.float32)
-  x = x / jnp.linalg.norm(x)
+  x = x / jnp.linalg.norm(x, axis=(-2, -1), keepdims=True)
+  t_ = lambda y: jnp.swapaxes(y, -1, -2)
   # torch's m <= n is out <= in: the Gram of the output side, X_K^T X_K.
-  flip = x.shape[1] <= x.shape[0]
-  a = x.T if flip else x            # a is [small, large].
-  eye = jnp.eye(a.shape[0], dtype=a.dtype)
+  flip = x.shape[-1] <= x.shape[-2]
+  a = t_(x) if flip else x            # a is [..., small, large].
+  eye = jnp.broadcast_to(jnp.eye(a.shape[-2], dtype=a.dtype),
+                         (*a.shape[:-1], a.shape[-2]))
 
   def body(_, yz):
     y, z = yz
     t = 3 * eye - z @ y
     return beta * y @ t, beta * t @ z
-  _, z = jax.lax.fori_loop(0, ns_steps, body, (a @ a.T, eye))
+  _, z = jax.lax.fori_loop(0, ns_steps, body, (a @ t_(a), eye))
   d = z @ a
-  return (d.T if flip else d).astype(g.dtype)
+  return (t_(d) if flip else d).astype(g.dtype)
 
 
 def scale_by_swan(ns_steps: int = 10, beta: float = 0.5, eps: float = 1e-8,
-                  axis: int = 0) -> optax.GradientTransformation:
+                  axis: int = -2) -> optax.GradientTransformation:
   r"""SWAN's matrix step: GradNorm then GradWhitening (stateless).
 
   .. math::
@@ -81,7 +84,7 @@ def scale_by_swan(ns_steps: int = 10, beta: float = 0.5, eps: float = 1e-8,
     ns_steps: Newton-Schulz iterations.
     beta: the Newton-Schulz step size.
     eps: added to the standard deviation.
-    axis: the axis the GradNorm statistics reduce over (0: a Flax kernel's
+    axis: the axis the GradNorm statistics reduce over (-2: a Flax kernel's
       inputs, i.e. one mean and std per output unit).
 
   Returns:
