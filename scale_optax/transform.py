@@ -402,9 +402,12 @@ def output_layer_mask(output_layer: paths.PathSpec = DEFAULT_OUTPUT_LAYER,
       chosen = [a or b for a, b in zip(chosen, tied)]
     picked = [c and not v for c, v in zip(chosen, vectors)]
     if picked and not any(picked):
+      hint = ('' if tied_embedding is not None else
+              ' If the logits use the embedding table (tied embeddings), '
+              'pass tied_embedding= naming the table instead.')
       raise ValueError(
           f'output_layer={output_layer!r} selects no matrix parameter. The '
-          f'matrix parameters are: {_matrix_paths(params, vectors)}.')
+          f'matrix parameters are: {_matrix_paths(params, vectors)}.{hint}')
     picked = iter(picked)
     return jax.tree.map(lambda _: next(picked), params)
 

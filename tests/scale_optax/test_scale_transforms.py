@@ -349,3 +349,33 @@ def test_mean_square_any_axes(shape, axes):
   want = np.mean(np.square(np.asarray(x, np.float64)), axis=axes,
                  keepdims=True)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize('make', [
+    scale_optax.column_normalize,
+    scale_optax.row_normalize,
+    lambda: scale_optax.scale(0.1, momentum=None, weight_decay=0.01),
+    lambda: scale_optax.scale(0.1, output_layer='w'),
+], ids=['column', 'row', 'sgd_column_norm', 'scale'])
+@pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.int32])
+def test_integer_gradients_give_the_float_update(make, param_dtype):
+  """As optax.sgd and adamw: int32 gradients are not truncated."""
+  g = {'w': jnp.array([[3, 1], [1, 3]], jnp.int32),
+       'b': jnp.array([2, -1], jnp.int32)}
+  params = {'w': jnp.ones((2, 2), param_dtype), 'b': jnp.ones(2, param_dtype)}
+  tx = make()
+  got, _ = jax.jit(tx.update)(g, tx.init(params), params)
+  want, _ = tx.update(jax.tree.map(lambda x: x.astype(jnp.float32), g),
+                      tx.init(jax.tree.map(lambda x: x.astype(jnp.float32),
+                                           params)),
+                      jax.tree.map(lambda x: x.astype(jnp.float32), params))
+  assert got['w'].dtype == jnp.float32
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
+  assert not np.allclose(np.asarray(got['w']) % 1, 0)   # Not truncated.
+
+
+def test_complex_gradient_raises_naming_leaf():
+  g = {'layers': {'w': jnp.ones((2, 2), jnp.complex64)}}
+  tx = scale_optax.column_normalize()
+  with pytest.raises(ValueError, match=r"'layers/w' has a complex gradient"):
+    tx.update(g, tx.init(g))
