@@ -189,7 +189,9 @@ def _sum_over_axis(x: jax.Array, axis: int) -> jax.Array:
     if rest:
       total = jnp.concatenate(
           [total, jax.lax.slice_in_dim(x, q * block, n, axis=axis)], axis)
-    x = total
+    # One pass at a time: fused into the next pass, a pass would read its
+    # input in strides of a row instead of streaming it.
+    x = jax.lax.optimization_barrier(total)
   return x
 
 
