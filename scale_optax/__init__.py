@@ -9,11 +9,13 @@ from scale_optax.paths import path_str
 from scale_optax.state import state_bytes
 from scale_optax.transform import column_normalize
 from scale_optax.transform import DEFAULT_OUTPUT_LAYER
+from scale_optax.transform import DEFAULT_VECTOR_MASK
 from scale_optax.transform import fan_in_axes
-from scale_optax.transform import NormalizeState
+from scale_optax.transform import mean_square
 from scale_optax.transform import output_layer_mask
 from scale_optax.transform import output_layer_momentum
 from scale_optax.transform import row_normalize
+from scale_optax.transform import vector_flags
 
 __version__ = '0.1.0'
 
@@ -21,15 +23,17 @@ __all__ = (
     'column_normalize',
     'column_normalized_sgd',
     'DEFAULT_OUTPUT_LAYER',
+    'DEFAULT_VECTOR_MASK',
     'fan_in_axes',
     'FIRST_AND_LAST_LAYERS',
     'first_last_momentum',
     'matrix_or_vector',
-    'NormalizeState',
+    'mean_square',
     'output_layer_mask',
     'output_layer_momentum',
     'path_str',
     'row_normalize',
     'scale',
     'state_bytes',
+    'vector_flags',
 )

@@ -21,6 +21,16 @@ def state_bytes(tree: Any) -> int:
 
   Returns:
     The total ``size * itemsize`` over leaves that have a shape and a dtype.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import scale_optax
+    >>> params = {'lm_head': {'kernel': jnp.zeros((512, 32000))},
+    ...           'norm': {'scale': jnp.zeros(512)}}
+    >>> state = jax.eval_shape(scale_optax.scale(1e-3).init, params)
+    >>> scale_optax.state_bytes(state)  # Head momentum, Adam moments, counts.
+    65540104
   """
   total = 0
   for leaf in jax.tree.leaves(tree):

@@ -78,6 +78,15 @@ _CODE = textwrap.dedent(r'''
     ema = sh_s[0].inner_state.ema['lm_head']['kernel']
     assert ema.sharding.is_equivalent_to(
         shardings['lm_head']['kernel'], 2), ema.sharding
+    # column_normalize adds the same numbers in the same order on one device
+    # and on eight, whichever axis is sharded: bitwise the same result.
+    g = jax.random.normal(jax.random.key(3), (200, 48)) * jnp.arange(1, 49)
+    cn = scale_optax.column_normalize()
+    normalize = jax.jit(lambda g: cn.update(g, cn.init(g))[0])
+    one = np.asarray(normalize(g))
+    for gspec in (P('a', 'b'), P(('a', 'b'), None), P(None, ('a', 'b'))):
+        got = normalize(jax.device_put(g, NamedSharding(mesh, gspec)))
+        np.testing.assert_array_equal(np.asarray(got), one, err_msg=str(gspec))
     print('SHARDED_OK', sh_p['lm_head']['kernel'].sharding.spec,
           sh_s[0].inner_state.ema['lm_head']['kernel'].sharding.spec)
 ''')

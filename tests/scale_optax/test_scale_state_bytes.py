@@ -79,6 +79,6 @@ def test_bf16_momentum_halves_head_bytes():
   params = tu.abstract_params(SHAPES)
   s32 = jax.eval_shape(scale_optax.scale(1e-3).init, params)
   s16 = jax.eval_shape(
-      scale_optax.scale(1e-3, momentum_dtype=jnp.bfloat16).init, params)
+      scale_optax.scale(1e-3, mu_dtype=jnp.bfloat16).init, params)
   assert (scale_optax.state_bytes(s32) - scale_optax.state_bytes(s16)
           == VOCAB * D * 2)

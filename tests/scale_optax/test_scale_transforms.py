@@ -213,7 +213,7 @@ def test_bf16_rms_is_computed_in_float32(tx):
            if e.primitive.name != 'convert_element_type'
            and not list(jax.extend.core.jaxprs_in_params(e.params))]
   names = {e.primitive.name for e in arith}
-  assert 'reduce_sum' in names and 'sqrt' in names, names
+  assert {'add', 'sqrt'} <= names, names
   for e in arith:
     for v in e.outvars:
       if jnp.issubdtype(v.aval.dtype, jnp.floating):
@@ -245,20 +245,20 @@ def test_bf16_huge_and_small_columns_normalize_to_unit_rms():
     'Remove this mark if column_normalize pre-scales before squaring.'))
 def test_bf16_column_whose_sum_of_squares_overflows_float32():
   g = jnp.full((4096, 2), 1e18, jnp.bfloat16)
-  u, _ = scale_optax.column_normalize().update(g, scale_optax.NormalizeState())
+  u, _ = scale_optax.column_normalize().update(g, optax.EmptyState())
   np.testing.assert_allclose(np.asarray(u, np.float32), 1.0, rtol=1e-2)
 
 
-@pytest.mark.parametrize('momentum_dtype', [None, jnp.float32])
-def test_scale_bf16_params_keep_dtype(momentum_dtype):
+@pytest.mark.parametrize('mu_dtype', [None, jnp.float32])
+def test_scale_bf16_params_keep_dtype(mu_dtype):
   """bf16 params, optional f32 momentum: params stay bf16, state is stable."""
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16),
                         tu.make_params(tu.llama_shapes(16, 8, 12, 1)))
   grads = jax.tree.map(lambda p: p * 0.3 + 0.01, params)
-  tx = scale_optax.scale(0.1, weight_decay=0.1, momentum_dtype=momentum_dtype)
+  tx = scale_optax.scale(0.1, weight_decay=0.1, mu_dtype=mu_dtype)
   state = tx.init(params)
   updates, state2 = jax.jit(tx.update)(grads, state, params)
-  if momentum_dtype is None:
+  if mu_dtype is None:
     chex.assert_trees_all_equal_dtypes(updates, grads)
   else:
     # Optax's ema returns its accumulator's dtype: only the head's update is
@@ -267,21 +267,21 @@ def test_scale_bf16_params_keep_dtype(momentum_dtype):
     grads = dict(grads)
     grads.pop('lm_head')
     chex.assert_trees_all_equal_dtypes(updates, grads)
-    assert head['kernel'].dtype == momentum_dtype
+    assert head['kernel'].dtype == mu_dtype
     updates['lm_head'] = head
   new_params = optax.apply_updates(params, updates)
   chex.assert_trees_all_equal_dtypes(new_params, params)
   chex.assert_trees_all_equal_dtypes(state, state2)
   ema = state[0].inner_state.ema['lm_head']['kernel']
-  assert ema.dtype == (momentum_dtype or jnp.bfloat16)
+  assert ema.dtype == (mu_dtype or jnp.bfloat16)
 
 
 def test_column_normalize_axis_convention():
   """Flax [in, out] kernel: one scale per column (output unit), over axis 0."""
   g = jnp.asarray(np.random.default_rng(0).standard_normal((6, 3))
                   * np.array([1e-3, 1.0, 1e3]), jnp.float32)
-  col, _ = scale_optax.column_normalize().update(g, scale_optax.NormalizeState())
-  row, _ = scale_optax.row_normalize().update(g, scale_optax.NormalizeState())
+  col, _ = scale_optax.column_normalize().update(g, optax.EmptyState())
+  row, _ = scale_optax.row_normalize().update(g, optax.EmptyState())
   np.testing.assert_allclose(np.sqrt(np.mean(np.square(col), axis=0)), 1.0,
                              rtol=1e-5)
   np.testing.assert_allclose(np.sqrt(np.mean(np.square(row), axis=1)), 1.0,
@@ -327,17 +327,55 @@ def test_path_str_on_key_paths():
   assert scale_optax.path_str(path) == 'layers/3/attn/q'
 
 
-@pytest.mark.parametrize('shape,loop', [((64, 16384), True),
-                                        ((64, 16383), False),
-                                        ((4096, 64), False)])
-def test_column_normalize_wide_leaf_on_cpu(shape, loop):
-  # scale_optax sums wide leaves row by row on a single CPU device (XLA:CPU's
-  # column reduction of a [512, 32000] head runs at ~1 GB/s); same result.
+@pytest.mark.parametrize('shape', [(64, 16384), (4096, 64), (9, 5), (1, 3),
+                                   (5461, 7)])
+def test_column_normalize_one_path_for_every_shape(shape):
+  """Wide, tall, odd and single-row leaves: the same result, no loop."""
   g = jax.random.normal(jax.random.key(0), shape) * jnp.arange(1, shape[1] + 1)
   tx = scale_optax.column_normalize()
+  assert tx.init({'w': g}) == optax.EmptyState()
   f = jax.jit(lambda g: tx.update({'w': g}, tx.init({'w': g}))[0]['w'])
   g64 = np.asarray(g, np.float64)
   want = g64 / np.sqrt(np.mean(g64 ** 2, axis=0, keepdims=True))
   np.testing.assert_allclose(np.asarray(f(g)), want, rtol=1e-5, atol=1e-6)
-  if jax.default_backend() == 'cpu' and len(jax.devices('cpu')) == 1:
-    assert ('while(' in f.lower(g).compile().as_text()) == loop
+  assert 'while(' not in f.lower(g).compile().as_text()
+
+
+@pytest.mark.parametrize('shape,axes', [((9, 4, 3), (0, 1)), ((4, 17, 3), (1,)),
+                                        ((3, 10), (1,)), ((6, 5, 7), (0, 2))])
+def test_mean_square_any_axes(shape, axes):
+  x = jax.random.normal(jax.random.key(1), shape)
+  got = scale_optax.mean_square(x, axes)
+  want = np.mean(np.square(np.asarray(x, np.float64)), axis=axes,
+                 keepdims=True)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize('make', [
+    scale_optax.column_normalize,
+    scale_optax.row_normalize,
+    lambda: scale_optax.scale(0.1, momentum=None, weight_decay=0.01),
+    lambda: scale_optax.scale(0.1, output_layer='w'),
+], ids=['column', 'row', 'sgd_column_norm', 'scale'])
+@pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.int32])
+def test_integer_gradients_give_the_float_update(make, param_dtype):
+  """As optax.sgd and adamw: int32 gradients are not truncated."""
+  g = {'w': jnp.array([[3, 1], [1, 3]], jnp.int32),
+       'b': jnp.array([2, -1], jnp.int32)}
+  params = {'w': jnp.ones((2, 2), param_dtype), 'b': jnp.ones(2, param_dtype)}
+  tx = make()
+  got, _ = jax.jit(tx.update)(g, tx.init(params), params)
+  want, _ = tx.update(jax.tree.map(lambda x: x.astype(jnp.float32), g),
+                      tx.init(jax.tree.map(lambda x: x.astype(jnp.float32),
+                                           params)),
+                      jax.tree.map(lambda x: x.astype(jnp.float32), params))
+  assert got['w'].dtype == jnp.float32
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
+  assert not np.allclose(np.asarray(got['w']) % 1, 0)   # Not truncated.
+
+
+def test_complex_gradient_raises_naming_leaf():
+  g = {'layers': {'w': jnp.ones((2, 2), jnp.complex64)}}
+  tx = scale_optax.column_normalize()
+  with pytest.raises(ValueError, match=r"'layers/w' has a complex gradient"):
+    tx.update(g, tx.init(g))
