@@ -84,7 +84,8 @@ class Case:
     mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
     self.mesh = mesh
     tx, schedule = make_optimizer(config.optimizer, config.train.steps,
-                                  config.rivals)
+                                  config.rivals,
+                                  scan_layers=config.model.scan_layers)
     setup = make_setup(config, mesh, tx, schedule)
     with jax.set_mesh(mesh):
       self.params = setup.init_params(seed)

@@ -168,6 +168,17 @@ def set_aside(directory: str | os.PathLike, label: str) -> Optional[pathlib.Path
   return target
 
 
+def _scanned(shapes: dict[str, Any]) -> Optional[bool]:
+  """Whether the params in ``shapes`` (path -> shape) have the scanned layer
+  layout (``params/layers/attn/...``), the unrolled one
+  (``params/layers/0/attn/...``), or neither (None)."""
+  for path in shapes:
+    parts = path.split('/')
+    if parts[:2] == ['params', 'layers'] and len(parts) > 2:
+      return not parts[2].isdigit()
+  return None
+
+
 class Checkpointer:
   """Saves and restores training state under ``<run_dir>/checkpoints``."""
 
@@ -324,6 +335,15 @@ class Checkpointer:
     shapes = lambda tree: {path_str(p): tuple(x.shape) for p, x in
                            jax.tree_util.tree_flatten_with_path(tree)[0]}
     saved, expected = shapes(saved_tree), shapes(abstract_state)
+    saved_scan, expected_scan = _scanned(saved), _scanned(expected)
+    if None not in (saved_scan, expected_scan) and saved_scan != expected_scan:
+      raise CheckpointMismatchError(
+          f'checkpoint at step {step} in {self.directory} holds '
+          f'{"scanned" if saved_scan else "unrolled"} layers '
+          f'(model.scan_layers={str(saved_scan).lower()}), this run has '
+          f'model.scan_layers={str(expected_scan).lower()}: resume refused. '
+          f'Set model.scan_layers={str(saved_scan).lower()} to resume it, or '
+          f'use another train.run_dir or --no-resume.')
     order = lambda paths: sorted(paths, key=lambda p: (p.startswith('opt'), p))
     problems = [f'{p}: saved {saved[p]}, expected {expected[p]}'
                 for p in order(saved.keys() & expected.keys())

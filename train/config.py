@@ -29,6 +29,11 @@ class ModelConfig:
 
   ``remat`` recomputes each block's activations in the backward pass (keeping
   only the block inputs): less memory for about a third more compute.
+  ``scan_layers`` stacks the blocks' params on a leading layer axis and runs
+  them with one ``nnx.scan`` (compile time independent of depth; checkpoints
+  of the two layouts are not interchangeable). ``attention`` picks the
+  attention kernel: ``cudnn`` (fused, GPU, bf16/fp16), ``xla``, or ``auto``
+  (cudnn where it is available, else xla).
   """
   vocab_size: int = 2048
   d_model: int = 128
@@ -42,6 +47,8 @@ class ModelConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: bool = False
+  scan_layers: bool = False
+  attention: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +105,7 @@ class MeshConfig:
       'heads': 'tensor',
       'kv': None,
       'norm': None,
+      'layers': None,
   })
 
 
@@ -147,6 +155,7 @@ class Config:
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')
+ATTENTION_CHOICES = ('auto', 'xla', 'cudnn')
 
 
 def _type_name(tp: Any) -> str:
@@ -326,6 +335,8 @@ def validate(config: Config) -> None:
   _require((m.d_model // m.n_heads) % 2 == 0, 'model.n_heads',
            f'head size d_model/n_heads={m.d_model // m.n_heads} must be even '
            f'for rotary embeddings.')
+  _require(m.attention in ATTENTION_CHOICES, 'model.attention',
+           f'must be one of {ATTENTION_CHOICES}, got {m.attention!r}.')
   _require(d.seq_len <= m.max_seq_len, 'data.seq_len',
            f'{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}.')
   for key, value in [('model.dtype', m.dtype),

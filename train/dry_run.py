@@ -79,7 +79,8 @@ def dry_run(config: Config) -> dict[str, Any]:
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.check_batch(config, mesh)
   tx, schedule = make_optimizer(config.optimizer, config.train.steps,
-                                config.rivals)
+                                config.rivals,
+                                scan_layers=config.model.scan_layers)
   setup = make_setup(config, mesh, tx, schedule)
   batch_sharding = mesh_lib.batch_sharding(mesh, config.mesh)
   tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len),

@@ -28,7 +28,7 @@ from train.checkpoint import Checkpointer, set_aside
 from train.config import Config, to_dict
 from train.diagnostics import make_gradient_variance
 from train.metrics import MetricsWriter, plot_losses
-from train.model import param_count
+from train.model import attention_implementation, param_count
 from train.optim import make_optimizer
 from train.state import TrainSetup, make_setup, memory_report
 from train.step import make_eval_step, make_train_step
@@ -114,12 +114,14 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
 
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.check_batch(config, mesh)
+  attention_implementation(config.model)  # A config error before the data.
   # Process 0 builds the data set and tokenizer first; the others then open it.
   dataset = mesh_lib.main_process_first(
       lambda: data_lib.prepare(config.data, config.model.vocab_size),
       'prepare_data')
   tx, schedule = make_optimizer(config.optimizer, config.train.steps,
-                                config.rivals)
+                                config.rivals,
+                                scan_layers=config.model.scan_layers)
   setup = make_setup(config, mesh, tx, schedule)
   memory = memory_report(setup)
   say(f'model: {param_count(config.model):,} params',

@@ -25,11 +25,21 @@ Every matrix is a 2-D ``[in, out]`` kernel on purpose: SCALE normalizes 2-D
 leaves over axis 0 (one scale per output column), so heads are not split into
 a separate kernel axis.
 
+Scanned layers (``model.scan_layers``): the blocks' params are stacked on a
+leading layer axis, ``layers/attn/q_proj/kernel [L, d, d]`` (logical names
+``('layers', 'embed', 'heads')``; ``'layers'`` maps to no mesh axis), and the
+blocks run as one ``nnx.scan``, so the compiled program holds one block
+whatever the depth. :func:`stack_layers` and :func:`unstack_layers` convert
+params between the two layouts. An optimizer sees rank-3 kernels and rank-2
+norm scales there (``train.optim`` handles them per layer).
+
 Numerics: ``config.param_dtype`` is the storage dtype, ``config.dtype`` the
 compute dtype (matmul inputs and the residual stream). RMSNorm, rotary
 embeddings, attention logits and softmax (``jax.nn.dot_product_attention``'s
 XLA path computes them in float32) and the LM head's accumulation are float32;
-logits come back float32. Rotary embeddings use the half-split ("rotate_half",
+logits come back float32. ``config.attention`` picks the attention kernel
+(:func:`attention_implementation`): cuDNN's fused kernel on a GPU in
+bf16/fp16, XLA's otherwise. Rotary embeddings use the half-split ("rotate_half",
 GPT-NeoX / Hugging Face LLaMA) layout: feature ``j`` pairs with ``j + H/2``.
 
 Sharding
@@ -75,6 +85,7 @@ force either behaviour. No activation sharding constraints are applied
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Optional
 
 import jax
@@ -83,10 +94,49 @@ import optax
 from flax import nnx
 from flax.core import spmd as core_spmd
 
-from train.config import ModelConfig
+from train.config import ConfigError, ModelConfig
 
 # Logical axis names used in the annotations.
 VOCAB, EMBED, HEADS, MLP_AXIS, NORM = 'vocab', 'embed', 'heads', 'mlp', 'norm'
+LAYERS = 'layers'  # The stacked layer axis of scanned blocks (not sharded).
+
+_FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_CUDNN_MIN_COMPUTE_CAPABILITY = 8.0  # cuDNN's fused attention: Ampere on.
+
+
+def _cudnn_problem(dtype: Any, device: jax.Device) -> Optional[str]:
+  """Why cuDNN's fused attention cannot run here, or None when it can."""
+  if device.platform != 'gpu':
+    return f"it needs a GPU, and this run's devices are {device.platform}"
+  capability = float(getattr(device, 'compute_capability', 0) or 0)
+  if capability < _CUDNN_MIN_COMPUTE_CAPABILITY:
+    return (f'it needs a GPU of compute capability >= '
+            f'{_CUDNN_MIN_COMPUTE_CAPABILITY}, and {device.device_kind} has '
+            f'{capability}')
+  if jnp.dtype(dtype) not in _FUSED_DTYPES:
+    return f'it needs model.dtype bfloat16 or float16, got {jnp.dtype(dtype)}'
+  return None
+
+
+def attention_implementation(config: ModelConfig,
+                             device: Optional[jax.Device] = None) -> str:
+  """``config.attention`` resolved for ``device`` (default: the first device).
+
+  ``auto`` is ``cudnn`` where cuDNN's fused kernel runs (a GPU of compute
+  capability 8.0 or more, compute dtype bfloat16 or float16), else ``xla``.
+
+  Raises:
+    ConfigError: naming ``model.attention`` when ``cudnn`` was asked for where
+      it cannot run.
+  """
+  device = jax.devices()[0] if device is None else device
+  problem = _cudnn_problem(config.dtype, device)
+  if config.attention == 'auto':
+    return 'xla' if problem else 'cudnn'
+  if config.attention == 'cudnn' and problem:
+    raise ConfigError(f"model.attention: 'cudnn' is not available: {problem}; "
+                      f"use 'auto' or 'xla'.")
+  return config.attention
 
 
 def _auto_eager_sharding() -> bool:
@@ -158,8 +208,9 @@ class Attention(nnx.Module):
   """Causal multi-head self-attention with rotary embeddings."""
 
   def __init__(self, cfg: ModelConfig, *, eager_sharding: bool,
-               rngs: nnx.Rngs):
+               implementation: str, rngs: nnx.Rngs):
     d = cfg.d_model
+    self.implementation = implementation
     self.n_heads = cfg.n_heads
     self.head_dim = d // cfg.n_heads
     self.rope_theta = cfg.rope_theta
@@ -175,8 +226,9 @@ class Attention(nnx.Module):
     q = rope(split(self.q_proj(x)), positions, self.rope_theta)
     k = rope(split(self.k_proj(x)), positions, self.rope_theta)
     v = split(self.v_proj(x))
-    # XLA implementation: logits and softmax in float32 for bf16 inputs.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    # XLA: logits and softmax in float32 for bf16 inputs. cuDNN: fused.
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                       implementation=self.implementation)
     return self.o_proj(out.reshape(b, t, d))
 
 
@@ -199,13 +251,14 @@ class Block(nnx.Module):
   """Pre-norm decoder block."""
 
   def __init__(self, cfg: ModelConfig, *, eager_sharding: bool,
-               rngs: nnx.Rngs):
+               attention: str, rngs: nnx.Rngs):
     norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps,
                            dtype=jnp.dtype(cfg.dtype),
                            param_dtype=jnp.dtype(cfg.param_dtype),
                            eager_sharding=eager_sharding)
     self.attn_norm = norm()
-    self.attn = Attention(cfg, eager_sharding=eager_sharding, rngs=rngs)
+    self.attn = Attention(cfg, eager_sharding=eager_sharding,
+                          implementation=attention, rngs=rngs)
     self.mlp_norm = norm()
     self.mlp = MLP(cfg, eager_sharding=eager_sharding, rngs=rngs)
 
@@ -243,10 +296,14 @@ class Llama(nnx.Module):
         embedding_init=_annotated(nnx.initializers.normal(config.init_std),
                                   (VOCAB, EMBED), eager),
         rngs=rngs)
-    self.layers = nnx.List([
-        Block(config, eager_sharding=eager, rngs=rngs)
-        for _ in range(config.n_layers)
-    ])
+    attention = attention_implementation(config)
+    if config.scan_layers:
+      self.layers = _stacked_blocks(config, eager, attention, rngs)
+    else:
+      self.layers = nnx.List([
+          Block(config, eager_sharding=eager, attention=attention, rngs=rngs)
+          for _ in range(config.n_layers)
+      ])
     self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps,
                               dtype=dtype, param_dtype=param_dtype,
                               eager_sharding=eager)
@@ -287,9 +344,53 @@ class Llama(nnx.Module):
 
     if cfg.remat:  # Keep only block inputs; recompute the rest in backward.
       run_block = nnx.remat(run_block)
-    for block in self.layers:
-      x = run_block(block, x)
+    if cfg.scan_layers:
+      x = nnx.scan(lambda x, block: run_block(block, x),
+                   in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
+    else:
+      for block in self.layers:
+        x = run_block(block, x)
     return self.lm_head(self.final_norm(x)).astype(jnp.float32)
+
+
+def _stacked_blocks(config: ModelConfig, eager: bool, attention: str,
+                    rngs: nnx.Rngs) -> Block:
+  """``n_layers`` blocks as one :class:`Block` whose params have a leading
+  layer axis (logical name ``'layers'``), each layer with its own keys."""
+
+  @nnx.split_rngs(splits=config.n_layers)
+  @nnx.vmap(in_axes=0, out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: LAYERS})
+  def make(rngs: nnx.Rngs) -> Block:
+    return Block(config, eager_sharding=eager, attention=attention, rngs=rngs)
+
+  return make(rngs)
+
+
+# A scanned block's param: 'layers/attn/...', not 'layers/3/attn/...'.
+_STACKED_PATH = re.compile(r'^layers/(?!\d+(/|$))')
+
+
+def layer_axes(path: str) -> int:
+  """Leading layer axes of the param at ``path`` ('/'-joined): 1 for a block
+  param of the scanned layout (``layers/attn/q_proj/kernel``), else 0."""
+  return int(bool(_STACKED_PATH.match(path)))
+
+
+def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
+  """Unrolled params (``layers/<i>/...``) to the scanned layout (``layers/...``
+  with a leading layer axis); other entries are kept as they are."""
+  layers = params['layers']
+  blocks = [layers[i] for i in sorted(layers, key=int)]
+  return {**params, 'layers': jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+  """Scanned params to the unrolled layout: the inverse of :func:`stack_layers`."""
+  stacked = params['layers']
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return {**params, 'layers': {i: jax.tree.map(lambda x: x[i], stacked)
+                               for i in range(n)}}
 
 
 def param_count(config: ModelConfig) -> int:

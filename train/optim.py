@@ -5,6 +5,21 @@ its learning-rate schedule. SCALE and its study variants come from
 ``scale_optax``; the baselines are Optax's own. The schedule is linear warmup
 over ``warmup_ratio`` of the steps, then cosine decay to
 ``min_lr_ratio * learning_rate`` (the GaLore/APOLLO recipe of the paper).
+
+Scanned layers (``model.scan_layers``, ``make_optimizer(..., scan_layers=True)``)
+stack each block param on a leading layer axis (``layers/attn/q_proj/kernel``
+``[L, d, d]``, ``layers/attn_norm/scale`` ``[L, d]``); every optimizer must
+still treat each layer's slice as the unrolled model's leaf:
+
+- elementwise optimizers (AdamW, SGD, Lion) need nothing;
+- Muon's dimension numbers name the per-layer matrix axes (the layer axis is a
+  batch axis, orthogonalized layer by layer);
+- SCALE normalizes the stacked kernels over axis 1 (``reduction_axes``), and
+  the stacked norm scales, rank 2 now, go to its AdamW as vectors; the
+  row-normalized ablations (whose norm would run over the layer axis) refuse;
+- any other optimizer (Adafactor: factored moments and per-leaf RMS clipping;
+  the rivals of scale_optax.contrib: their norm scales are vectors per layer)
+  runs on the stacked leaves under ``jax.vmap`` over the layer axis.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import optax
 import scale_optax
 from scale_optax import contrib
 from train.config import ConfigError, OptimizerConfig
+from train.model import layer_axes
 from train.rivals_config import RivalsConfig
 
 Builder = Callable[[OptimizerConfig, optax.Schedule, optax.Schedule],
@@ -27,21 +43,81 @@ Builder = Callable[[OptimizerConfig, optax.Schedule, optax.Schedule],
 _MUON_ADAM_PATHS = re.compile(r'(^|/)(embed|lm_head)(/|$)')
 
 
-def _scale_variant(**kwargs: Any) -> Builder:
-  def build(c, lr, vector_lr):
+def stacked_layers(path: Any) -> int:
+  """Leading layer axes of the leaf at ``path`` (a key path or its string)."""
+  return layer_axes(path if isinstance(path, str)
+                    else scale_optax.path_str(path))
+
+
+def _stacked_fan_in(path: str, leaf: Any) -> Any:
+  """SCALE's fan-in axis of a stacked ``[L, in, out]`` kernel; None (the
+  default: axis 0 of a rank-2 leaf) elsewhere."""
+  return (1,) if stacked_layers(path) and leaf.ndim == 3 else None
+
+
+def _stacked_vector_labels(params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: 'stacked_vector' if stacked_layers(p) and x.ndim == 2
+      else 'other', params)
+
+
+def _scale_variant(**kwargs: Any) -> Callable[..., optax.GradientTransformation]:
+  def build(c, lr, vector_lr, scan_layers=False):
     options = dict(momentum=c.momentum, weight_decay=c.weight_decay,
                    vector_learning_rate=vector_lr, adam_b1=c.b1, adam_b2=c.b2,
-                   adam_eps=c.eps)
-    return scale_optax.scale(lr, **{**options, **kwargs})
+                   adam_eps=c.eps, **kwargs)
+    if not scan_layers:
+      return scale_optax.scale(lr, **options)
+    if options.get('normalization') == 'row':
+      raise ConfigError(
+          f'optimizer.name: {c.name!r} normalizes over the output axes, which '
+          f'would mix the stacked layers of model.scan_layers=true; use '
+          f'model.scan_layers=false.')
+    # The same AdamW that scale() gives its vector leaves.
+    vectors = optax.adamw(vector_lr, b1=c.b1, b2=c.b2, eps=c.eps,
+                          weight_decay=c.weight_decay)
+    return optax.partition(
+        {'stacked_vector': vectors,
+         'other': scale_optax.scale(lr, reduction_axes=_stacked_fan_in,
+                                    **options)},
+        _stacked_vector_labels)
   return build
 
 
 def _muon_dims(params: Any) -> Any:
   def dims(path, x):
-    if x.ndim != 2 or _MUON_ADAM_PATHS.search(scale_optax.path_str(path)):
+    lead = stacked_layers(path)
+    if (x.ndim - lead != 2
+        or _MUON_ADAM_PATHS.search(scale_optax.path_str(path))):
       return None
-    return optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=lead,
+                                              output_axis=lead + 1)
   return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` applied to each layer's slice of stacked leaves (``jax.vmap`` over
+  axis 0 of params, updates and state: step counters become ``[L]``)."""
+
+  def init_fn(params):
+    if not any(hasattr(x, 'shape') for x in jax.tree.leaves(params)):
+      # optax.tree_map_params inits on a placeholder for the state's
+      # structure, which vmap leaves unchanged.
+      return tx.init(params)
+    return jax.vmap(tx.init)(params)
+
+  def update_fn(updates, state, params=None):
+    return jax.vmap(tx.update)(updates, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _stacked_per_layer(build: Callable[[], optax.GradientTransformation]
+                       ) -> optax.GradientTransformation:
+  labels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda p, _: 'stacked' if stacked_layers(p) else 'other', params)
+  return optax.partition({'stacked': per_layer(build()), 'other': build()},
+                         labels)
 
 
 def _sgd(momentum: bool) -> Builder:
@@ -53,8 +129,9 @@ def _sgd(momentum: bool) -> Builder:
   return build
 
 
-OPTIMIZERS: dict[str, Builder] = {
-    # SCALE and the paper's bottom-up study (scale_optax.scale with flags).
+# SCALE and the paper's bottom-up study (scale_optax.scale with flags); their
+# builders take scan_layers.
+SCALE_VARIANTS: dict[str, Callable[..., optax.GradientTransformation]] = {
     'scale': _scale_variant(),
     'sgd_column_norm': _scale_variant(momentum=None),
     'sgd_row_norm': _scale_variant(momentum=None, normalization='row'),
@@ -62,6 +139,13 @@ OPTIMIZERS: dict[str, Builder] = {
     'scale_sign': _scale_variant(normalization='sign'),
     'scale_first_last': _scale_variant(
         output_layer=scale_optax.FIRST_AND_LAST_LAYERS),
+}
+# Right on stacked layer leaves as they are (elementwise, or Muon's
+# dimension numbers, which see the layer axis).
+LAYOUT_FREE = frozenset({'adamw', 'sgd', 'sgd_momentum', 'muon', 'lion'})
+
+OPTIMIZERS: dict[str, Builder] = {
+    **SCALE_VARIANTS,
     # Baselines from Optax.
     'adamw': lambda c, lr, vlr: optax.adamw(
         lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay),
@@ -137,12 +221,19 @@ def make_schedule(config: OptimizerConfig, total_steps: int,
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int,
-                   rivals: RivalsConfig | None = None
+                   rivals: RivalsConfig | None = None,
+                   scan_layers: bool = False
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the named optimizer, clipped, with the recipe's schedule.
 
-  ``rivals`` (``config.rivals``; None: the defaults, the 60M settings) sets
-  the method when ``config.name`` is one of :data:`RIVALS`.
+  Args:
+    config: the optimizer section.
+    total_steps: the schedule's length.
+    rivals: ``config.rivals`` (None: the defaults, the 60M settings); sets
+      the method when ``config.name`` is one of :data:`RIVALS`.
+    scan_layers: the params have the scanned layout (``model.scan_layers``):
+      each optimizer then treats every layer's slice of the stacked leaves as
+      its own leaf (module docstring).
 
   Returns:
     ``(tx, schedule)``: the transformation and the main learning-rate schedule.
@@ -157,10 +248,17 @@ def make_optimizer(config: OptimizerConfig, total_steps: int,
                                   peak=config.vector_learning_rate)
   if config.name in RIVALS:
     block = getattr(rivals or RivalsConfig(), config.name)
-    tx = RIVALS[config.name](config, block, schedule, vector_schedule,
-                             total_steps)
+    build = lambda: RIVALS[config.name](config, block, schedule,
+                                        vector_schedule, total_steps)
   else:
-    tx = OPTIMIZERS[config.name](config, schedule, vector_schedule)
+    build = lambda: OPTIMIZERS[config.name](config, schedule, vector_schedule)
+  if not scan_layers or config.name in LAYOUT_FREE:
+    tx = build()
+  elif config.name in SCALE_VARIANTS:
+    tx = SCALE_VARIANTS[config.name](config, schedule, vector_schedule,
+                                     scan_layers=True)
+  else:
+    tx = _stacked_per_layer(build)
   if config.grad_clip is not None:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
   return tx, schedule

@@ -1,0 +1,183 @@
+"""Scanned layers (``model.scan_layers``): the same model, loss and optimizer
+steps as the unrolled layout, the layer axis unsharded, and checkpoints of one
+layout refused by the other."""
+
+import dataclasses
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from train import checkpoint as ckpt_lib
+from train import mesh as mesh_lib
+from train import model as model_lib
+from train.config import ConfigError, load_config
+from train.optim import make_optimizer
+from train.state import make_setup
+from train.step import make_train_step
+
+MODEL = ('model.vocab_size=64', 'model.d_model=32', 'model.n_layers=3',
+         'model.n_heads=2', 'model.d_ff=48', 'model.max_seq_len=16',
+         'data.seq_len=16', 'data.batch_size=4', 'train.steps=10',
+         'optimizer.warmup_ratio=0.0', 'optimizer.learning_rate=0.01',
+         'optimizer.weight_decay=0.1')
+
+
+def _config(scan: bool, *overrides: str):
+  return load_config(None, MODEL + (f'model.scan_layers={str(scan).lower()}',)
+                     + overrides)
+
+
+def _setup(config):
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tx, schedule = make_optimizer(config.optimizer, config.train.steps,
+                                scan_layers=config.model.scan_layers)
+  return make_setup(config, mesh, tx, schedule)
+
+
+def _batches(n: int):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 64, (n, 4, 17), dtype=np.int32)
+  return [{'inputs': t[:, :-1], 'targets': t[:, 1:]} for t in tokens]
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+  chex_tree = jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                              rtol=rtol, atol=atol), a, b)
+  del chex_tree
+
+
+def test_stack_unstack_round_trip_and_paths():
+  setup = _setup(_config(False))
+  params = setup.init_params(0)
+  stacked = model_lib.stack_layers(params)
+  scanned = _setup(_config(True))
+  assert (jax.tree.structure(stacked)
+          == jax.tree.structure(scanned.abstract_params))
+  assert stacked['layers']['attn']['q_proj']['kernel'].shape == (3, 32, 32)
+  assert stacked['layers']['mlp_norm']['scale'].shape == (3, 32)
+  _close(model_lib.unstack_layers(stacked), params, rtol=0, atol=0)
+
+
+def test_layer_axes():
+  assert model_lib.layer_axes('layers/attn/q_proj/kernel') == 1
+  assert model_lib.layer_axes('layers/2/attn/q_proj/kernel') == 0
+  assert model_lib.layer_axes('lm_head/kernel') == 0
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_same_loss_and_gradients(remat):
+  config = _config(False, f'model.remat={str(remat).lower()}')
+  unrolled = model_lib.Llama(config.model, rngs=nnx.Rngs(0))
+  scanned = model_lib.Llama(
+      dataclasses.replace(config.model, scan_layers=True), rngs=nnx.Rngs(1))
+  params = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+  state = nnx.state(scanned, nnx.Param)
+  nnx.replace_by_pure_dict(state, model_lib.stack_layers(params))
+  nnx.update(scanned, state)
+  batch = _batches(1)[0]
+
+  @nnx.jit
+  def loss_and_grad(model):
+    grad_fn = nnx.value_and_grad(lambda m: model_lib.loss_fn(m, batch)[0])
+    value, grads = grad_fn(model)
+    return value, nnx.to_pure_dict(grads)
+
+  loss_u, grads_u = loss_and_grad(unrolled)
+  loss_s, grads_s = loss_and_grad(scanned)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+  _close(model_lib.unstack_layers(grads_s), grads_u)
+
+
+@pytest.mark.parametrize('name', [
+    'scale',
+    pytest.param('muon', marks=pytest.mark.slow),
+    pytest.param('adafactor', marks=pytest.mark.slow),
+    pytest.param('sgd_column_norm', marks=pytest.mark.slow)])
+def test_same_optimizer_steps(name):
+  """Two trainer steps from the same initial values: params (1e-5) and the
+  loss of every step agree; SCALE's output-layer momentum and AdamW's moments
+  of the norm scales carry over into step 2."""
+  unrolled = _setup(_config(False, f'optimizer.name={name}'))
+  scanned = _setup(_config(True, f'optimizer.name={name}'))
+  p_u = unrolled.init_params(0)
+  p_s = jax.device_put(jax.tree.map(jnp.copy, model_lib.stack_layers(p_u)),
+                       scanned.param_shardings)  # p_u is donated.
+  o_u, o_s = unrolled.init_opt_state(p_u), scanned.init_opt_state(p_s)
+  step_u, step_s = make_train_step(unrolled), make_train_step(scanned)
+  with jax.set_mesh(unrolled.mesh):
+    for batch in _batches(2):
+      p_u, o_u, m_u = step_u(p_u, o_u, batch)
+      p_s, o_s, m_s = step_s(p_s, o_s, batch)
+      np.testing.assert_allclose(m_s['loss'], m_u['loss'], rtol=1e-5)
+      assert int(m_s['skipped']) == int(m_u['skipped']) == 0
+  _close(model_lib.unstack_layers(p_s), p_u)
+
+
+def test_scale_normalizes_each_layer_over_its_own_fan_in():
+  """One SCALE step from zero weight decay: every column of every layer's
+  kernel moved by exactly lr in RMS over that layer's inputs."""
+  config = _config(True, 'optimizer.weight_decay=0.0',
+                   'optimizer.grad_clip=null')
+  setup = _setup(config)
+  params = setup.init_params(0)
+  step = make_train_step(setup)
+  old = jax.tree.map(np.asarray, params)
+  with jax.set_mesh(setup.mesh):
+    new, _, _ = step(params, setup.init_opt_state(params), _batches(2)[1])
+  lr = float(setup.schedule(0))
+  delta = (old['layers']['mlp']['down_proj']['kernel']
+           - np.asarray(new['layers']['mlp']['down_proj']['kernel'])) / lr
+  rms = np.sqrt(np.mean(delta.astype(np.float64) ** 2, axis=1))  # [L, out]
+  np.testing.assert_allclose(rms, 1.0, rtol=1e-3)
+
+
+def test_row_normalized_variants_refuse_scanned_layers():
+  with pytest.raises(ConfigError, match='model.scan_layers'):
+    make_optimizer(_config(True, 'optimizer.name=scale_row_norm').optimizer,
+                   10, scan_layers=True)
+
+
+def test_unscanned_scale_refuses_stacked_kernels():
+  config = _config(True)
+  tx, _ = make_optimizer(config.optimizer, 10)  # scan_layers not passed.
+  with pytest.raises(ValueError, match='rank 3'):
+    _setup_with(config, tx)
+
+
+def _setup_with(config, tx):
+  return make_setup(config, mesh_lib.make_mesh(config.mesh), tx,
+                    lambda s: 0.0)
+
+
+def test_layer_axis_is_not_sharded():
+  shardings = _setup(_config(True)).param_shardings['layers']
+  assert shardings['attn']['q_proj']['kernel'].spec == PartitionSpec(
+      None, 'fsdp', 'tensor')
+  assert shardings['mlp']['down_proj']['kernel'].spec == PartitionSpec(
+      None, 'tensor', 'fsdp')
+  assert shardings['attn_norm']['scale'].spec == PartitionSpec(None, None)
+
+
+def _iterator():
+  return iter(grain.MapDataset.range(10).to_iter_dataset())
+
+
+@pytest.mark.parametrize('saved_scan', [False, True])
+def test_checkpoint_of_the_other_layout_is_refused(tmp_path, saved_scan):
+  saving = _setup(_config(saved_scan))
+  loading = _setup(_config(not saved_scan))
+  state = {'params': saving.init_params(0)}
+  checkpointer = ckpt_lib.Checkpointer(tmp_path / 'checkpoints', keep=1)
+  checkpointer.save(1, state, _iterator())
+  checkpointer.wait()
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match=f'model.scan_layers={str(saved_scan).lower()} to '
+                     'resume'):
+    checkpointer.restore(1, {'params': loading.abstract_params}, _iterator())
+  checkpointer.close()
