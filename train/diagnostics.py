@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 import scale_optax
-from train.model import loss_fn
+from train.model import layer_axes, loss_fn
 from train.state import Params, TrainSetup
 
 Batch = dict[str, jax.Array]
@@ -104,11 +104,15 @@ def gradient_variance(setup: TrainSetup, params: Params, batch: Batch,
   leaves = jax.tree_util.tree_leaves_with_path(var)
   mean_leaves = jax.tree.leaves(mean)
   for (path, v), g in zip(leaves, mean_leaves):
-    group = param_group(scale_optax.path_str(path))
-    acc = sums.setdefault(group, [jnp.float32(0), jnp.float32(0)])
-    acc[0] = acc[0] + jnp.sum(v) * m
-    acc[1] = acc[1] + jnp.sum(g * g)
-    counts[group] = counts.get(group, 0) + v.size
+    name = scale_optax.path_str(path)
+    # A scanned block's leaf holds every layer: one group per slice.
+    slices = ([(f'layer_{i}', v[i], g[i]) for i in range(v.shape[0])]
+              if layer_axes(name) else [(param_group(name), v, g)])
+    for group, v_i, g_i in slices:
+      acc = sums.setdefault(group, [jnp.float32(0), jnp.float32(0)])
+      acc[0] = acc[0] + jnp.sum(v_i) * m
+      acc[1] = acc[1] + jnp.sum(g_i * g_i)
+      counts[group] = counts.get(group, 0) + v_i.size
   record = {}
   for group in group_order(sums):
     record[f'grad_var/{group}'] = sums[group][0] / counts[group]

@@ -181,3 +181,18 @@ def test_checkpoint_of_the_other_layout_is_refused(tmp_path, saved_scan):
                      'resume'):
     checkpointer.restore(1, {'params': loading.abstract_params}, _iterator())
   checkpointer.close()
+
+
+def test_gradient_variance_groups_each_layer():
+  from train.diagnostics import gradient_variance  # pylint: disable=g-import-not-at-top
+  unrolled, scanned = _setup(_config(False)), _setup(_config(True))
+  params = unrolled.init_params(0)
+  batch = _batches(1)[0]
+  record = lambda setup, p: jax.jit(
+      lambda p: gradient_variance(setup, p, batch, 2))(p)
+  expected = record(unrolled, params)
+  got = record(scanned, model_lib.stack_layers(params))
+  assert set(got) == set(expected) and 'grad_var/layer_2' in got
+  for name in expected:
+    np.testing.assert_allclose(got[name], expected[name], rtol=1e-4,
+                               err_msg=name)
