@@ -18,7 +18,8 @@ imports grain or TensorFlow Datasets). The per-step batch is fixed per model
 
 The table file is rewritten after every configuration, so a run cut short
 keeps what it measured; configurations that do not fit in ``--budget-s`` are
-listed as not run. ``--smoke`` runs a tiny model on any backend in seconds
+listed as not run (SCALE on both models runs first). With the defaults a run
+takes at most ``--budget-s`` plus one ``--timeout-s``: 7 minutes. ``--smoke`` runs a tiny model on any backend in seconds
 (for tests).
 """
 
@@ -141,6 +142,8 @@ def _run_child(command: list[str], timeout: float) -> dict[str, Any]:
   for line in done.stdout.splitlines():
     if line.startswith(RESULT_PREFIX):
       return json.loads(line[len(RESULT_PREFIX):])
+  print(f'--- {" ".join(command[3:])} failed (exit {done.returncode}), its '
+        f'stderr ends:\n{done.stderr[-3000:]}\n---', flush=True)
   tail = (done.stderr.strip().splitlines() or ['no output'])[-1]
   return {'error': f'exit {done.returncode}: {tail[:300]}'}
 
@@ -150,7 +153,10 @@ def _cell(value: Optional[float], fmt: str) -> str:
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
-  """The Markdown table of the results (one row per configuration)."""
+  """The Markdown table of the results, one row per configuration, by model
+  (in the order given) then optimizer."""
+  models = list(dict.fromkeys(r['model'] for r in results))
+  results = sorted(results, key=lambda r: models.index(r['model']))
   lines = ['| model | optimizer | batch x seq | tokens/s | MFU | peak memory '
            '(GB) | step (ms) | compile (s) | attention |',
            '|---|---|---|---|---|---|---|---|---|']
@@ -209,9 +215,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       help='timed steps per configuration (median taken)')
   parser.add_argument('--warmup', type=int, default=3,
                       help='steps run after compiling, not timed')
-  parser.add_argument('--budget-s', type=float, default=300.0,
+  parser.add_argument('--budget-s', type=float, default=270.0,
                       help='no new configuration starts after this many '
-                      'seconds (default 300)')
+                      'seconds (default 270)')
   parser.add_argument('--timeout-s', type=float, default=150.0,
                       help='limit on one configuration\'s subprocess')
   parser.add_argument('--peak-tflops', type=float, default=None,
@@ -258,8 +264,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   out.parent.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   results: list[dict[str, Any]] = []
-  for model in models:
-    for optimizer in optimizers:
+  # Optimizer-major, so that a run cut short has SCALE on both models first.
+  for optimizer in optimizers:
+    for model in models:
       elapsed = time.perf_counter() - start
       if elapsed > args.budget_s:
         result = {'error': f'not run (--budget-s {args.budget_s:g} spent)'}
