@@ -196,3 +196,59 @@ def test_gradient_variance_groups_each_layer():
   for name in expected:
     np.testing.assert_allclose(got[name], expected[name], rtol=1e-4,
                                err_msg=name)
+
+
+_SHARDED_SCRIPT = r'''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from train import mesh as mesh_lib, model as model_lib
+from train.config import load_config
+from train.loop import _global_batch
+from train.optim import make_optimizer
+from train.state import make_setup
+from train.step import make_train_step
+
+def setup_for(scan, mesh_args, devices=None):
+  config = load_config(None, %(model)r + [f'model.scan_layers={scan}'] +
+                       mesh_args)
+  tx, schedule = make_optimizer(config.optimizer, config.train.steps,
+                                scan_layers=config.model.scan_layers)
+  return make_setup(config, mesh_lib.make_mesh(config.mesh, devices), tx,
+                    schedule)
+
+def run(setup, params, batches):
+  step = make_train_step(setup)
+  opt_state = setup.init_opt_state(params)
+  with jax.set_mesh(setup.mesh):
+    for b in batches:
+      params, opt_state, m = step(params, opt_state, _global_batch(setup, b))
+      jax.device_get(m)
+  return jax.device_get(params)
+
+rng = np.random.default_rng(0)
+batches = [{'inputs': t[:, :-1], 'targets': t[:, 1:]} for t in
+           rng.integers(0, 64, (2, 4, 17), dtype=np.int32)]
+one = setup_for('false', ['mesh.data=1', 'mesh.fsdp=1', 'mesh.tensor=1'],
+                jax.devices()[:1])
+init = jax.device_get(one.init_params(0))
+expected = run(one, jax.device_put(init, one.param_shardings), batches)
+sharded = setup_for('true', ['mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2'])
+stacked = jax.device_put(model_lib.stack_layers(init), sharded.param_shardings)
+q = stacked['layers']['attn']['q_proj']['kernel']
+got = model_lib.unstack_layers(run(sharded, stacked, batches))
+err = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12)) for a, b in
+          zip(jax.tree.leaves(got), jax.tree.leaves(expected)))
+print(json.dumps({'spec': [str(a) for a in q.sharding.spec],
+                  'shard': list(q.sharding.shard_shape(q.shape)),
+                  'max_rel_err': err}))
+'''
+
+
+@pytest.mark.slow  # About 40 s idle: 8 simulated devices in a subprocess.
+def test_scanned_step_on_a_2x2x2_mesh_equals_one_device_unrolled():
+  import dist_test_util as du  # pylint: disable=g-import-not-at-top
+  out = du.last_json_line(du.run_python(
+      _SHARDED_SCRIPT % {'model': list(MODEL)}, devices=8, timeout=600))
+  assert out['spec'] == ['None', 'fsdp', 'tensor']
+  assert out['shard'] == [3, 16, 16]  # The layer axis whole on every device.
+  assert out['max_rel_err'] < 1e-5, out
