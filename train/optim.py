@@ -63,9 +63,9 @@ def _stacked_vector_labels(params: Any) -> Any:
 
 def _scale_variant(**kwargs: Any) -> Callable[..., optax.GradientTransformation]:
   def build(c, lr, vector_lr, scan_layers=False):
-    options = dict(momentum=c.momentum, weight_decay=c.weight_decay,
-                   vector_learning_rate=vector_lr, adam_b1=c.b1, adam_b2=c.b2,
-                   adam_eps=c.eps, **kwargs)
+    options = {**dict(momentum=c.momentum, weight_decay=c.weight_decay,
+                      vector_learning_rate=vector_lr, adam_b1=c.b1,
+                      adam_b2=c.b2, adam_eps=c.eps), **kwargs}
     if not scan_layers:
       return scale_optax.scale(lr, **options)
     if options.get('normalization') == 'row':

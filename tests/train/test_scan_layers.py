@@ -70,7 +70,8 @@ def test_layer_axes():
   assert model_lib.layer_axes('lm_head/kernel') == 0
 
 
-@pytest.mark.parametrize('remat', [False, True])
+@pytest.mark.parametrize(
+    'remat', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_same_loss_and_gradients(remat):
   config = _config(False, f'model.remat={str(remat).lower()}')
   unrolled = model_lib.Llama(config.model, rngs=nnx.Rngs(0))
@@ -183,6 +184,7 @@ def test_checkpoint_of_the_other_layout_is_refused(tmp_path, saved_scan):
   checkpointer.close()
 
 
+@pytest.mark.slow
 def test_gradient_variance_groups_each_layer():
   from train.diagnostics import gradient_variance  # pylint: disable=g-import-not-at-top
   unrolled, scanned = _setup(_config(False)), _setup(_config(True))
@@ -252,3 +254,19 @@ def test_scanned_step_on_a_2x2x2_mesh_equals_one_device_unrolled():
   assert out['spec'] == ['None', 'fsdp', 'tensor']
   assert out['shard'] == [3, 16, 16]  # The layer axis whole on every device.
   assert out['max_rel_err'] < 1e-5, out
+
+
+def test_every_optimizer_builds_for_both_layouts():
+  from train.optim import OPTIMIZERS  # pylint: disable=g-import-not-at-top
+  for scan in (False, True):
+    config = _config(scan)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    for name in OPTIMIZERS:
+      opt = dataclasses.replace(config.optimizer, name=name)
+      if scan and name.endswith('row_norm'):
+        with pytest.raises(ConfigError, match='model.scan_layers'):
+          make_optimizer(opt, 10, scan_layers=True)
+        continue
+      tx, schedule = make_optimizer(opt, 10, scan_layers=scan)
+      setup = make_setup(config, mesh, tx, schedule)  # Abstract init.
+      assert jax.tree.leaves(setup.abstract_opt_state), name
