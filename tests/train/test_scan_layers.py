@@ -35,6 +35,7 @@ def _config(scan: bool, *overrides: str):
 def _setup(config):
   mesh = mesh_lib.make_mesh(config.mesh)
   tx, schedule = make_optimizer(config.optimizer, config.train.steps,
+                                config.rivals,
                                 scan_layers=config.model.scan_layers)
   return make_setup(config, mesh, tx, schedule)
 
@@ -99,7 +100,8 @@ def test_same_loss_and_gradients(remat):
     'scale',
     pytest.param('muon', marks=pytest.mark.slow),
     pytest.param('adafactor', marks=pytest.mark.slow),
-    pytest.param('sgd_column_norm', marks=pytest.mark.slow)])
+    pytest.param('sgd_column_norm', marks=pytest.mark.slow),
+    pytest.param('galore', marks=pytest.mark.slow)])
 def test_same_optimizer_steps(name):
   """Two trainer steps from the same initial values: params (1e-5) and the
   loss of every step agree; SCALE's output-layer momentum and AdamW's moments
@@ -257,16 +259,16 @@ def test_scanned_step_on_a_2x2x2_mesh_equals_one_device_unrolled():
 
 
 def test_every_optimizer_builds_for_both_layouts():
-  from train.optim import OPTIMIZERS  # pylint: disable=g-import-not-at-top
+  from train.optim import KNOWN  # pylint: disable=g-import-not-at-top
   for scan in (False, True):
     config = _config(scan)
     mesh = mesh_lib.make_mesh(config.mesh)
-    for name in OPTIMIZERS:
+    for name in KNOWN:
       opt = dataclasses.replace(config.optimizer, name=name)
       if scan and name.endswith('row_norm'):
         with pytest.raises(ConfigError, match='model.scan_layers'):
-          make_optimizer(opt, 10, scan_layers=True)
+          make_optimizer(opt, 10, config.rivals, scan_layers=True)
         continue
-      tx, schedule = make_optimizer(opt, 10, scan_layers=scan)
+      tx, schedule = make_optimizer(opt, 10, config.rivals, scan_layers=scan)
       setup = make_setup(config, mesh, tx, schedule)  # Abstract init.
       assert jax.tree.leaves(setup.abstract_opt_state), name
