@@ -119,7 +119,9 @@ def test_same_optimizer_steps(name):
       p_s, o_s, m_s = step_s(p_s, o_s, batch)
       np.testing.assert_allclose(m_s['loss'], m_u['loss'], rtol=1e-5)
       assert int(m_s['skipped']) == int(m_u['skipped']) == 0
-  _close(model_lib.unstack_layers(p_s), p_u)
+  # GaLore's SVD of one matrix and of a batch of them round differently.
+  _close(model_lib.unstack_layers(p_s), p_u,
+         atol=1e-5 if name == 'galore' else 1e-6)
 
 
 def test_scale_normalizes_each_layer_over_its_own_fan_in():
