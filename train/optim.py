@@ -15,7 +15,7 @@ still treat each layer's slice as the unrolled model's leaf:
 - Muon's dimension numbers name the per-layer matrix axes (the layer axis is a
   batch axis, orthogonalized layer by layer);
 - SCALE normalizes the stacked kernels over axis 1 (``reduction_axes``), and
-  the stacked norm scales, rank 2 now, go to its AdamW as vectors; the
+  the stacked norm scales, rank 2 now, go to its AdamW (``vector_mask``); the
   row-normalized ablations (whose norm would run over the layer axis) refuse;
 - any other optimizer (Adafactor: factored moments and per-leaf RMS clipping;
   the rivals of scale_optax.contrib: their norm scales are vectors per layer)
@@ -55,10 +55,9 @@ def _stacked_fan_in(path: str, leaf: Any) -> Any:
   return (1,) if stacked_layers(path) and leaf.ndim == 3 else None
 
 
-def _stacked_vector_labels(params: Any) -> Any:
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: 'stacked_vector' if stacked_layers(p) and x.ndim == 2
-      else 'other', params)
+def _stacked_vector(path: str, leaf: Any) -> bool:
+  """A stacked norm scale ``[L, d]``: a vector of each layer, for SCALE."""
+  return bool(stacked_layers(path)) and leaf.ndim == 2
 
 
 def _scale_variant(**kwargs: Any) -> Callable[..., optax.GradientTransformation]:
@@ -73,14 +72,8 @@ def _scale_variant(**kwargs: Any) -> Callable[..., optax.GradientTransformation]
           f'optimizer.name: {c.name!r} normalizes over the output axes, which '
           f'would mix the stacked layers of model.scan_layers=true; use '
           f'model.scan_layers=false.')
-    # The same AdamW that scale() gives its vector leaves.
-    vectors = optax.adamw(vector_lr, b1=c.b1, b2=c.b2, eps=c.eps,
-                          weight_decay=c.weight_decay)
-    return optax.partition(
-        {'stacked_vector': vectors,
-         'other': scale_optax.scale(lr, reduction_axes=_stacked_fan_in,
-                                    **options)},
-        _stacked_vector_labels)
+    return scale_optax.scale(lr, reduction_axes=_stacked_fan_in,
+                             vector_mask=_stacked_vector, **options)
   return build
 
 
