@@ -1,5 +1,7 @@
 """SCALE (arXiv 2506.16659) as composable Optax transformations."""
 
+from scale_optax.adam import authors_adamw
+from scale_optax.adam import scale_by_authors_adam
 from scale_optax.alias import column_normalized_sgd
 from scale_optax.alias import FIRST_AND_LAST_LAYERS
 from scale_optax.alias import first_last_momentum
@@ -20,6 +22,7 @@ from scale_optax.transform import vector_flags
 __version__ = '0.1.0'
 
 __all__ = (
+    'authors_adamw',
     'column_normalize',
     'column_normalized_sgd',
     'DEFAULT_OUTPUT_LAYER',
@@ -34,6 +37,7 @@ __all__ = (
     'path_str',
     'row_normalize',
     'scale',
+    'scale_by_authors_adam',
     'state_bytes',
     'vector_flags',
 )

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import jax
 import optax
 
+from scale_optax import adam
 from scale_optax import paths
 from scale_optax import transform
 
@@ -34,6 +35,13 @@ _NORMALIZATIONS: dict[str, Callable[..., optax.GradientTransformation]] = {
     'column': transform.column_normalize,
     'row': transform.row_normalize,
     'sign': lambda **_: optax.scale_by_sign(),
+}
+
+# The AdamW of the vector leaves: Optax's, or the official release's (epsilon
+# before bias correction, see scale_optax.adam).
+_VECTOR_ADAMS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    'optax': optax.adamw,
+    'authors': adam.authors_adamw,
 }
 
 
@@ -79,6 +87,7 @@ def scale(
     vector_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     *,
     normalization: str = 'column',
+    vector_adam: str = 'optax',
     reduction_axes: transform.ReductionAxes = None,
     vector_mask: paths.PathSpec = transform.DEFAULT_VECTOR_MASK,
     tied_embedding: Optional[paths.PathSpec] = None,
@@ -132,6 +141,11 @@ def scale(
       schedule; None uses ``learning_rate`` (and so its schedule).
     normalization: 'column' (SCALE), or the ablations 'row'
       (:func:`scale_optax.row_normalize`) and 'sign' (sign descent).
+    vector_adam: the vector leaves' AdamW: 'optax' (``optax.adamw``,
+      :math:`\hat m / (\sqrt{\hat v} + \epsilon)`) or 'authors'
+      (:func:`scale_optax.adam.authors_adamw`, the official release's
+      :math:`\hat m / (\sqrt{\hat v} + \epsilon / \sqrt{1 - \beta_2^t})`);
+      they differ only while :math:`\sqrt{\hat v}` is near epsilon.
     reduction_axes: fan-in axes of the matrix leaves, see
       :func:`scale_optax.column_normalize`; needed for rank >= 3 leaves.
     vector_mask: which leaves of rank >= 2 take the vector path;
@@ -184,6 +198,9 @@ def scale(
   if normalization not in _NORMALIZATIONS:
     raise ValueError(f'normalization must be one of {sorted(_NORMALIZATIONS)},'
                      f' got {normalization!r}.')
+  if vector_adam not in _VECTOR_ADAMS:
+    raise ValueError(f'vector_adam must be one of {sorted(_VECTOR_ADAMS)},'
+                     f' got {vector_adam!r}.')
   if vector_learning_rate is None:
     vector_learning_rate = learning_rate
 
@@ -193,8 +210,9 @@ def scale(
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )
-  vectors = optax.adamw(vector_learning_rate, b1=adam_b1, b2=adam_b2,
-                        eps=adam_eps, weight_decay=weight_decay)
+  vectors = _VECTOR_ADAMS[vector_adam](
+      vector_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+      weight_decay=weight_decay)
   parts = optax.partition(
       {'matrix': matrices, 'vector': vectors},
       functools.partial(matrix_or_vector, vector_mask=vector_mask))
