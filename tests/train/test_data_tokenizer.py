@@ -46,7 +46,7 @@ def test_trained_once_and_cached(tmp_path, monkeypatch):
   # Unigram baseline: finite, > 1, and computed on given batches too.
   ppl = data.unigram_perplexity(ds)
   assert math.isfinite(ppl) and 1 < ppl < 512
-  batches = ds.eval_batches(4, 32, 2)
+  batches = ds.eval_batches(4, 32, 2 * 4 * 32)
   ppl_b = data.unigram_perplexity(ds, batches=batches)
   assert math.isfinite(ppl_b) and ppl_b > 1
 

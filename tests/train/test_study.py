@@ -22,12 +22,12 @@ BASE = {
     'model': {'vocab_size': 512, 'd_model': 32, 'n_layers': 1, 'n_heads': 2,
               'd_ff': 64, 'max_seq_len': 32},
     'data': {'name': 'embedded', 'seq_len': 32, 'batch_size': 8},
-    'train': {'steps': 4, 'eval_every': 2, 'eval_batches': 2, 'log_every': 1,
+    'train': {'steps': 4, 'eval_every': 2, 'eval_tokens': 512, 'log_every': 1,
               'checkpoint_every': 2, 'keep_checkpoints': 1},
 }
 SMALL = ['model.vocab_size=512', 'model.d_model=32', 'model.n_layers=2',
          'model.n_heads=2', 'model.d_ff=64', 'model.max_seq_len=32',
-         'data.seq_len=32', 'data.batch_size=8', 'train.eval_batches=2',
+         'data.seq_len=32', 'data.batch_size=8', 'train.eval_tokens=512',
          'train.progress=false']
 
 

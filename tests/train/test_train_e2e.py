@@ -18,7 +18,7 @@ from train.loop import train
 
 SMALL = ['model.vocab_size=512', 'model.d_model=64', 'model.n_layers=2',
          'model.n_heads=2', 'model.d_ff=176', 'data.seq_len=64',
-         'data.batch_size=8', 'train.eval_batches=4', 'train.progress=false']
+         'data.batch_size=8', 'train.eval_tokens=2048', 'train.progress=false']
 
 # A learning rate per optimizer that trains this model in 80 steps (from a
 # small sweep; see the README's optimizer table).

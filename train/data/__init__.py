@@ -6,7 +6,7 @@ Public API::
   it = ds.train_iter(batch_size, seq_len, seed, process_index=..., process_count=...)
   batch = next(it)   # {'inputs', 'targets'}: int32 [batch_size // process_count, seq_len]
   state = it.get_state(); it.set_state(state)   # exact resume (JSON-able dict)
-  evals = ds.eval_batches(batch_size, seq_len, num_batches)   # list of batches
+  evals = ds.eval_batches(batch_size, seq_len, num_tokens)   # list of batches
   baseline = unigram_perplexity(ds)
 
 Stages, one module each: ``corpus`` (the embedded text), ``tfds_source``

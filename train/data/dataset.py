@@ -16,10 +16,11 @@ import tensorflow_datasets as tfds
 from train.data import pipeline
 from train.data import tfds_source
 from train.data import tokenizer as tokenizer_lib
-from train.data.errors import UnknownDatasetError
+from train.data.errors import TokenizerError, UnknownDatasetError
 from train.data.tokenizer import Tokenizer
 
-Batch = dict[str, np.ndarray]  # {'inputs', 'targets'}: int32 [B, L]
+# {'inputs', 'targets'}: int32 [B, L]; unpacked data adds 'weights' float32.
+Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
@@ -34,6 +35,8 @@ class Dataset:
     text_key: the example field holding the text.
     train_split, eval_split: split names.
     shuffle: whether ``train_iter`` shuffles by default.
+    packing: pack documents into rows (True) or give each document its own
+      row, truncated or padded to ``seq_len`` with pads weighted 0 (False).
   """
   name: str
   builder: tfds.core.DatasetBuilder
@@ -43,6 +46,7 @@ class Dataset:
   train_split: str = 'train'
   eval_split: str = 'validation'
   shuffle: bool = True
+  packing: bool = True
 
   @property
   def vocab_size(self) -> int:
@@ -60,6 +64,12 @@ class Dataset:
     return pipeline.ReadAndTokenize(self.sources[split], self.tokenizer,
                                     self.text_key)
 
+  def _pad(self, seq_len: int) -> Optional[pipeline.PadOrTruncate]:
+    if self.packing:
+      return None
+    return pipeline.PadOrTruncate(seq_len, self.tokenizer.pad_id,
+                                  self.tokenizer.eos_id)
+
   def _pipeline(self, split, batch_size, seq_len, *, shuffle, seed,
                 process_index, process_count):
     if batch_size % process_count:
@@ -74,9 +84,24 @@ class Dataset:
         process_index=process_index, process_count=process_count,
         split=split)
     tokenize = self.tokenize_fn(split)
-    pipeline.check_enough_tokens(indices, tokenize, local_batch * seq_len + 1,
-                                 split, process_index, process_count)
+    if self.packing:
+      pipeline.check_enough_tokens(indices, tokenize,
+                                   local_batch * seq_len + 1, split,
+                                   process_index, process_count)
+    else:  # Rows repeat forever; an epoch needs one loss token to count on.
+      pipeline.check_enough_tokens(
+          indices, tokenize, 1, split, process_index, process_count,
+          count=lambda tokens: min(len(tokens), seq_len) - 1)
     return indices, tokenize, local_batch
+
+  def _batches(self, split, batch_size, seq_len, *, shuffle, seed,
+               process_index, process_count, **options):
+    indices, tokenize, local_batch = self._pipeline(
+        split, batch_size, seq_len, shuffle=shuffle, seed=seed,
+        process_index=process_index, process_count=process_count)
+    ds = pipeline.batches(indices, tokenize, batch_size=local_batch,
+                          seq_len=seq_len, pad=self._pad(seq_len), **options)
+    return ds, indices, tokenize, local_batch
 
   def train_iter(self, batch_size: int, seq_len: int, seed: int, *,
                  process_index: int = 0, process_count: int = 1,
@@ -87,7 +112,7 @@ class Dataset:
 
     Each ``next()`` gives {'inputs', 'targets'}: int32
     ``[batch_size // process_count, seq_len]``, targets the inputs shifted by
-    one. The order is a function of (seed, process_index, process_count,
+    one (and ``weights`` float32, the loss mask, when ``packing`` is off). The order is a function of (seed, process_index, process_count,
     batch_size, seq_len) only. The iterator is a grain ``DatasetIterator``:
     ``get_state()`` (a small JSON-able dict) / ``set_state()`` resume exactly,
     and grain's Orbax handler (``grain.checkpoint.CheckpointSave``) saves it.
@@ -98,30 +123,48 @@ class Dataset:
     if start_step < 0:
       raise ValueError(f'start_step must be >= 0, got {start_step}.')
     shuffle = self.shuffle if shuffle is None else shuffle
-    indices, tokenize, local_batch = self._pipeline(
+    ds, indices, tokenize, local_batch = self._batches(
         self.train_split, batch_size, seq_len, shuffle=shuffle, seed=seed,
-        process_index=process_index, process_count=process_count)
-    ds = pipeline.batches(indices, tokenize, batch_size=local_batch,
-                          seq_len=seq_len, num_threads=num_threads,
-                          prefetch=prefetch)
+        process_index=process_index, process_count=process_count,
+        num_threads=num_threads, prefetch=prefetch)
     iterator = iter(ds)
-    if start_step:
+    if start_step and self.packing:
       iterator.set_state(pipeline.state_at_step(
           indices, tokenize, step=start_step, batch_size=local_batch,
           seq_len=seq_len))
+    elif start_step:  # One document a row: batch k starts at document k*b.
+      iterator.set_state({'next_index': start_step * local_batch})
     return iterator
 
-  def eval_batches(self, batch_size: int, seq_len: int, num_batches: int, *,
+  def eval_batches(self, batch_size: int, seq_len: int, num_tokens: int, *,
                    process_index: int = 0, process_count: int = 1
                    ) -> list[Batch]:
-    """The first ``num_batches`` batches of the eval split, in order (no
-    shuffle; the split is repeated if it is shorter). Same every call."""
-    indices, tokenize, local_batch = self._pipeline(
-        self.eval_split, batch_size, seq_len, shuffle=False, seed=0,
-        process_index=process_index, process_count=process_count)
-    iterator = iter(pipeline.batches(indices, tokenize, batch_size=local_batch,
-                                     seq_len=seq_len))
-    return [next(iterator) for _ in range(num_batches)]
+    """This process's part of the first global batches of the eval split
+    that together hold at least ``num_tokens`` loss tokens.
+
+    In order, no shuffle; the split is repeated if it is shorter. Same every
+    call and the same number of batches on every process: packed batches
+    hold ``batch_size * seq_len`` loss tokens each, and unpacked ones are
+    counted over every process's rows (each process reads the others'
+    documents to count their pads).
+    """
+    def rows(index):
+      return iter(self._batches(
+          self.eval_split, batch_size, seq_len, shuffle=False, seed=0,
+          process_index=index, process_count=process_count)[0])
+
+    own = rows(process_index)
+    if self.packing:
+      num_batches = -(-num_tokens // (batch_size * seq_len))
+      return [next(own) for _ in range(num_batches)]
+    others = [rows(q) for q in range(process_count) if q != process_index]
+    loss_tokens = lambda batch: int(np.count_nonzero(batch['weights']))
+    batches, total = [], 0
+    while total < num_tokens:
+      batches.append(next(own))
+      total += loss_tokens(batches[-1]) + sum(loss_tokens(next(it))
+                                              for it in others)
+    return batches
 
   def texts(self, split: str, limit: Optional[int] = None) -> Iterator[str]:
     """The texts of ``split`` in stored order, up to ``limit``."""
@@ -182,10 +225,15 @@ def prepare(config, vocab_size: int) -> Dataset:
     raise UnknownDatasetError(
         f'data.tokenizer is not set: data set {config.name!r} needs a '
         f'SentencePiece model file (for c4, the T5 model: vocab 32000).')
+  if not config.packing and tokenizer.pad_id < 0:
+    raise TokenizerError(
+        f'data.packing=false pads documents with the tokenizer\'s pad id, but '
+        f'SentencePiece model {str(tokenizer.path)!r} has no pad piece; use '
+        f'data.packing=true or a model with one (T5\'s has pad id 0).')
   return Dataset(name=config.name, builder=builder, sources=sources,
                  tokenizer=tokenizer, text_key=config.text_key,
                  train_split=config.train_split, eval_split=config.eval_split,
-                 shuffle=config.shuffle)
+                 shuffle=config.shuffle, packing=config.packing)
 
 
 __all__ = ['Batch', 'Dataset', 'prepare', 'texts', 'tokenizer_path']

@@ -1,5 +1,5 @@
 """The grain pipeline: document indices -> (shard, shuffle, repeat) ->
-read + tokenize -> pack -> batch.
+read + tokenize -> pack (or pad each document) -> batch.
 
 Per process: the documents ``process_index::process_count`` of the split
 (disjoint shards), shuffled with ``seed`` differently each epoch (grain's
@@ -12,8 +12,8 @@ a background thread. Neither changes the data or the iterator state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import grain
 import numpy as np
@@ -23,6 +23,32 @@ from train.data.packing import PackIterDataset
 from train.data.tokenizer import Tokenizer
 
 SEED_MOD = 2**32  # grain's shuffle takes a uint32 seed
+
+
+class PadOrTruncate:
+  """Tokens of one document -> one row of ``seq_len`` loss positions.
+
+  The document is cut to ``seq_len`` tokens, ending in EOS as the T5 tokenizer
+  truncates, and padded with ``pad_id``. Row position i predicts token i + 1
+  of the document, so a document of n <= seq_len tokens gives n - 1 loss
+  tokens (``weights`` 1) and the rest of the row weighs 0: the official
+  release's rows (HF labels with pads set to -100).
+  """
+
+  def __init__(self, seq_len: int, pad_id: int, eos_id: int):
+    self.seq_len = seq_len
+    self.pad_id = pad_id
+    self.eos_id = eos_id
+
+  def __call__(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    n = min(len(tokens), self.seq_len)
+    row = np.full(self.seq_len + 1, self.pad_id, dtype=np.int32)
+    row[:n] = tokens[:n]
+    if len(tokens) > self.seq_len:
+      row[n - 1] = self.eos_id
+    weights = np.zeros(self.seq_len, dtype=np.float32)
+    weights[:n - 1] = 1.0
+    return {'inputs': row[:-1], 'targets': row[1:], 'weights': weights}
 
 
 class ReadAndTokenize:
@@ -60,15 +86,17 @@ def document_indices(num_documents: int, *, shuffle: bool, seed: int,
 
 def check_enough_tokens(indices: grain.MapDataset, tokenize: ReadAndTokenize,
                         needed: int, split: str, process_index: int,
-                        process_count: int) -> None:
+                        process_count: int,
+                        count: Callable[[np.ndarray], int] = len) -> None:
   """Raises unless one epoch of this shard has ``needed`` tokens.
 
+  ``count(tokens)`` is what a document contributes (default: its length).
   Reads only as many documents as it takes (a handful for a real split).
   """
   total = 0
   num_docs = _epoch_length(indices)
   for j in range(num_docs):
-    total += len(tokenize(indices[j]))
+    total += count(tokenize(indices[j]))
     if total >= needed:
       return
   shard = (f' (the shard of process {process_index} of {process_count})'
@@ -85,15 +113,22 @@ def _epoch_length(indices: grain.MapDataset) -> int:
 
 
 def batches(indices: grain.MapDataset, tokenize: ReadAndTokenize, *,
-            batch_size: int, seq_len: int, num_threads: int = 0,
-            prefetch: int = 0) -> grain.IterDataset:
-  """{'inputs', 'targets'}: int32 [batch_size, seq_len] batches."""
+            batch_size: int, seq_len: int, pad: Optional[PadOrTruncate] = None,
+            num_threads: int = 0, prefetch: int = 0) -> grain.IterDataset:
+  """{'inputs', 'targets'}: int32 [batch_size, seq_len] batches.
+
+  Packed by default; with ``pad``, one document a row and a float32
+  ``weights`` [batch_size, seq_len] loss mask.
+  """
   docs = indices.map(tokenize)
+  if pad is not None:
+    docs = docs.map(pad)
   read_options = grain.ReadOptions(
       num_threads=num_threads,
       prefetch_buffer_size=max(16, 4 * num_threads) if num_threads else 0)
   ds = docs.to_iter_dataset(read_options)
-  ds = PackIterDataset(ds, length=seq_len)
+  if pad is None:
+    ds = PackIterDataset(ds, length=seq_len)
   ds = ds.batch(batch_size, drop_remainder=True)
   if prefetch:
     ds = grain.experimental.ThreadPrefetchIterDataset(

@@ -75,7 +75,7 @@ def setting(study: Study) -> dict[str, Any]:
       'min_lr_ratio': o.min_lr_ratio, 'grad_clip': o.grad_clip,
       'weight_decay': o.weight_decay, 'momentum': o.momentum,
       'eval_every': t.eval_every,
-      'eval_tokens': t.eval_batches * d.batch_size * d.seq_len,
+      'eval_tokens': t.eval_tokens,
       'data': d.name, 'dtype': m.param_dtype,
       'seeds': list(study.seeds), 'finalist_seeds': list(study.finalist_seeds),
   }
