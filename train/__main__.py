@@ -58,6 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = load_config(resolve_config_path(args.config), args.overrides)
     if args.dry_run:
       from train.dry_run import dry_run, format_report  # pylint: disable=g-import-not-at-top
+      from train.recipe import describe  # pylint: disable=g-import-not-at-top
+      print(describe(config, resolve_config_path(args.config)))
       print(format_report(config, dry_run(config)))
     else:
       from train.loop import train  # pylint: disable=g-import-not-at-top

@@ -64,7 +64,8 @@ def _scale_variant(**kwargs: Any) -> Callable[..., optax.GradientTransformation]
   def build(c, lr, vector_lr, scan_layers=False):
     options = {**dict(momentum=c.momentum, weight_decay=c.weight_decay,
                       vector_learning_rate=vector_lr, adam_b1=c.b1,
-                      adam_b2=c.b2, adam_eps=c.eps), **kwargs}
+                      adam_b2=c.b2, adam_eps=c.eps,
+                      vector_adam=c.vector_adam), **kwargs}
     if not scan_layers:
       return scale_optax.scale(lr, **options)
     if options.get('normalization') == 'row':
