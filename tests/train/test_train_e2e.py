@@ -117,6 +117,31 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_unpacked_documents_resume_exactly_and_eval_counts_loss_tokens(
+    data_dir, tmp_path):
+  """data.packing=false (pads weighted 0) through the loop, killed and resumed."""
+  config = small_config(data_dir, tmp_path, 'data.packing=false',
+                        'train.steps=12', 'train.eval_every=12',
+                        'train.checkpoint_every=6', 'train.log_every=1',
+                        'train.eval_tokens=1000')
+  train(config, resume=False)
+  losses = lambda: [(r['step'], r['loss']) for r in records(tmp_path, 'train')]
+  straight = losses()
+  straight_params = _restore_params(tmp_path, 12)
+  shutil.rmtree(tmp_path / 'checkpoints' / '12')
+  train(config)
+  assert losses() == straight and len(straight) == 12
+  for a, b in zip(jax.tree.leaves(straight_params),
+                  jax.tree.leaves(_restore_params(tmp_path, 12))):
+    np.testing.assert_array_equal(a, b)
+  dataset = data_lib.prepare(config.data, 512)
+  batches = dataset.eval_batches(8, 64, 1000)
+  loss_tokens = sum(int(b['weights'].sum()) for b in batches)
+  assert loss_tokens >= 1000 > loss_tokens - int(batches[-1]['weights'].sum())
+  assert loss_tokens < len(batches) * 8 * 64  # pads are not counted
+  assert records(tmp_path, 'eval')[-1]['eval_tokens'] == loss_tokens
+
+
 def test_cli_main_command(data_dir, tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'train', *SMALL, f'data.data_dir={data_dir}',
@@ -136,4 +161,4 @@ def test_cli_config_error_is_one_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       'config error: optimizer.lernin_rate: unknown key (known: b1, b2, eps, '
       'grad_clip, learning_rate, min_lr_ratio, momentum, name, '
-      'vector_learning_rate, warmup_ratio, weight_decay).']
+      'vector_adam, vector_learning_rate, warmup_ratio, weight_decay).']
