@@ -86,6 +86,9 @@ def dry_run(config: Config) -> dict[str, Any]:
   tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len),
                                 jnp.int32, sharding=batch_sharding)
   batch = {'inputs': tokens, 'targets': tokens}
+  if not config.data.packing:  # One document a row: the loss mask too.
+    batch['weights'] = jax.ShapeDtypeStruct(tokens.shape, jnp.float32,
+                                            sharding=batch_sharding)
   with jax.set_mesh(mesh):
     compiled = make_train_step(setup).lower(
         setup.abstract_params, setup.abstract_opt_state, batch).compile()
