@@ -11,8 +11,8 @@ from train.config import Config, ConfigError, load_config
 CONFIGS = sorted(  # Trainer configs; study*.yaml are studies (test_study.py).
     p for p in (pathlib.Path(__file__).parents[2] / 'configs').glob('*.yaml')
     if not p.stem.startswith('study'))
-PAPER_SHAPES = {  # DESIGN.md section 2: d_model, d_ff, heads, layers, steps.
-    'llama_60m': (512, 1376, 8, 8, 10_000),
+PAPER_SHAPES = {  # d_model, d_ff, heads, layers, steps (scripts/<size>_scale.sh).
+    'llama_60m': (512, 1376, 8, 8, 11_000),
     'llama_130m': (768, 2048, 12, 12, 20_000),
     'llama_350m': (1024, 2736, 16, 24, 60_000),
     'llama_1b': (2048, 5461, 32, 24, 100_000),
