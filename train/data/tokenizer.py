@@ -3,8 +3,9 @@ split and cached in data_dir, or a user's model file (the T5 model for c4).
 
 Special ids of the trained models follow T5's: ``pad=0``, ``eos=1``,
 ``unk=2``, no BOS. Documents are encoded as their pieces followed by EOS
-(the separator when documents are packed); pad is never used in training
-batches (packing leaves no padding). A user's model must have an EOS piece.
+(the separator when documents are packed). Pad fills the rows of unpacked
+documents (``data.packing: false``, which needs a pad piece); packing leaves
+no padding. A user's model must have an EOS piece.
 """
 
 from __future__ import annotations
