@@ -76,11 +76,13 @@ AUTHORS: dict[str, dict[str, Any]] = {
 
 
 def config_path(size: str) -> str:
+  """``configs/llama_<size>.yaml``."""
   from train.__main__ import resolve_config_path  # pylint: disable=g-import-not-at-top
   return str(resolve_config_path(f'llama_{size}'))
 
 
 def value(config: Config, key: str) -> Any:
+  """``config``'s value at a dotted ``section.name`` key."""
   section, name = key.split('.')
   return getattr(getattr(config, section), name)
 
@@ -105,7 +107,7 @@ def _fmt(x: Any) -> str:
 
 
 def recipe_lines(config: Config, size: Optional[str] = None) -> list[str]:
-  """One line per recipe value of ``config`` (with the authors' for ``size``)."""
+  """One line per recipe value of ``config``, with the authors' for ``size``."""
   lines = []
   for key, title, source in KEYS:
     got = value(config, key)

@@ -112,7 +112,8 @@ class Dataset:
 
     Each ``next()`` gives {'inputs', 'targets'}: int32
     ``[batch_size // process_count, seq_len]``, targets the inputs shifted by
-    one (and ``weights`` float32, the loss mask, when ``packing`` is off). The order is a function of (seed, process_index, process_count,
+    one (and ``weights`` float32, the loss mask, when ``packing`` is off).
+    The order is a function of (seed, process_index, process_count,
     batch_size, seq_len) only. The iterator is a grain ``DatasetIterator``:
     ``get_state()`` (a small JSON-able dict) / ``set_state()`` resume exactly,
     and grain's Orbax handler (``grain.checkpoint.CheckpointSave``) saves it.
