@@ -5,7 +5,9 @@ Unit tests of ``train.mesh``'s distributed helpers, then a real run: two
 8-device mesh, gloo collectives across the processes), trained for 5 steps
 with a checkpoint at step 3, then restarted as if killed after step 3 (the
 later checkpoint removed) on another mesh shape. The restarted processes must
-resume at step 3 and repeat the uninterrupted run's losses.
+resume at step 3 and repeat the uninterrupted run's losses. The run itself is
+checked against an independent one-device replay on the rows each process's
+pipeline gives: the processes read disjoint halves of every global batch.
 
 (Two processes read different document shards than one process does, so the
 two-process losses are compared with the two-process uninterrupted run, not
@@ -21,11 +23,16 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 import dist_test_util as du
+from train import data as data_lib
 from train import mesh as mesh_lib
 from train.config import ConfigError, DistributedConfig, load_config
+from train.model import Llama, loss_fn
+from train.optim import make_optimizer
 
 # ----------------------------------------------------------- unit tests ----
 
@@ -169,12 +176,23 @@ def _two_processes(run_dir, data_dir, cache_dir, *args, timeout=240,
   return outputs
 
 
-def test_two_processes_train_checkpoint_and_resume(tmp_path_factory, tmp_path):
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+  """5 steps on 2 processes x 4 devices (checkpoints at 3 and 5).
+
+  Returns the run directory, the data directory and the two outputs.
+  """
   cache_dir = du.compile_cache_dir(tmp_path_factory)
+  root = tmp_path_factory.mktemp('two_processes')
   # A fresh data directory: process 0 prepares it while process 1 waits.
-  data_dir = tmp_path / 'data'
-  straight = tmp_path / 'straight'
+  data_dir = root / 'data'
+  straight = root / 'straight'
   outs = _two_processes(straight, data_dir, cache_dir)
+  return straight, data_dir, outs
+
+
+def test_two_processes_train_and_checkpoint(two_process_run):
+  straight, _, outs = two_process_run
   assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} on 8 cpu device(s), " \
          "2 process(es)" in outs[0]
   assert 'summary:' in outs[0] and 'summary:' not in outs[1]
@@ -198,6 +216,87 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path_factory, tmp_path):
   for f in data_files:  # Each process's own iterator position.
     assert json.loads((checkpoints / '3' / 'data' / f).read_text())
 
+
+def _process_batches(config, dataset, steps):
+  """Per step, what processes 0 and 1 of 2 must read: their own pipelines."""
+  iters = [dataset.train_iter(config.data.batch_size, config.data.seq_len,
+                              seed=config.train.seed, process_index=p,
+                              process_count=2) for p in (0, 1)]
+  train = [[next(it) for it in iters] for _ in range(steps)]
+  evals = [dataset.eval_batches(config.data.batch_size, config.data.seq_len,
+                                config.train.eval_batches, process_index=p,
+                                process_count=2) for p in (0, 1)]
+  return train, list(zip(*evals))
+
+
+def _concat(parts):
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _replay(config, global_batches, eval_batches):
+  """The run on one device in plain JAX from the seed's initial model:
+  (train losses, gradient norms, eval loss)."""
+  model = Llama(config.model,
+                rngs=nnx.Rngs(params=jax.random.key(config.train.seed)))
+  graphdef, state = nnx.split(model)
+  treedef = jax.tree.structure(state)
+  params = nnx.to_pure_dict(state)
+  tx, _ = make_optimizer(config.optimizer, config.train.steps)
+
+  def loss(p, batch):
+    merged = nnx.merge(graphdef, jax.tree.unflatten(treedef,
+                                                    jax.tree.leaves(p)))
+    return loss_fn(merged, batch)
+
+  @jax.jit
+  def step(p, opt_state, batch):
+    (value, _), grads = jax.value_and_grad(loss, has_aux=True)(p, batch)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, value, \
+        optax.tree.norm(grads)
+
+  opt_state = tx.init(params)
+  losses, norms = [], []
+  for batch in global_batches:
+    params, opt_state, value, norm = step(params, opt_state, batch)
+    losses.append(float(value))
+    norms.append(float(norm))
+  sums = [jax.jit(loss)(params, b)[1] for b in eval_batches]
+  eval_loss = (sum(float(a['loss_sum']) for a in sums)
+               / sum(float(a['tokens']) for a in sums))
+  return losses, norms, eval_loss
+
+
+def test_each_process_reads_its_own_part_of_every_batch(two_process_run):
+  """The rows the two processes read are disjoint and together make the
+  global batch the run trained and evaluated on: the run's losses and
+  gradient norms equal a one-device replay on the two pipelines' rows."""
+  straight, data_dir, _ = two_process_run
+  # The command line's config: configs/tiny.yaml with the run's overrides.
+  config = load_config(du.REPO / 'configs' / 'tiny.yaml',
+                       [*du.SMALL, *STEPS, f'data.data_dir={data_dir}'])
+  dataset = data_lib.prepare(config.data, du.VOCAB)
+  train, evals = _process_batches(config, dataset, steps=5)
+  for parts in [*train, *evals]:
+    rows = [{r.tobytes() for r in p['inputs']} for p in parts]
+    assert len(rows[0]) == len(rows[1]) == config.data.batch_size // 2
+    assert not rows[0] & rows[1], 'the processes read the same rows'
+  losses, norms, eval_loss = _replay(config, [_concat(p) for p in train],
+                                     [_concat(p) for p in evals])
+  records = du.records(straight, 'train')
+  np.testing.assert_allclose([r['loss'] for r in records], losses, rtol=1e-4)
+  np.testing.assert_allclose([r['grad_norm'] for r in records], norms,
+                             rtol=1e-4)
+  (evaluation,) = du.records(straight, 'eval')
+  np.testing.assert_allclose(evaluation['loss'], eval_loss, rtol=1e-4)
+
+
+def test_two_processes_resume_on_another_mesh(two_process_run, tmp_path,
+                                              tmp_path_factory):
+  straight, data_dir, _ = two_process_run
+  cache_dir = du.compile_cache_dir(tmp_path_factory)
+  loss = du.losses(straight)
+  (evaluation,) = du.records(straight, 'eval')
   # Both processes killed after step 3's checkpoint: restart them, on a mesh
   # with tensor parallelism across the two processes.
   resumed = tmp_path / 'resumed'

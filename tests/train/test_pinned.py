@@ -286,7 +286,8 @@ def np_llama_logits(p: dict, tokens: np.ndarray, cfg: ModelConfig
   x = p['embed']['embedding'][tokens]
   causal = np.tril(np.ones((t, t), bool))
   for i in range(cfg.n_layers):
-    layer = p['layers'][i]
+    layers = p['layers']  # Restored checkpoints key the layers by str.
+    layer = layers[i] if i in layers else layers[str(i)]
     a = _np_rms_norm(x, layer['attn_norm']['scale'], cfg.norm_eps)
     proj = lambda name: (a @ layer['attn'][name]['kernel']).reshape(b, t, n, h)
     q = _np_rope(proj('q_proj'), cfg.rope_theta)
@@ -337,7 +338,7 @@ def test_forward_matches_numpy_llama():
 # ------------------------------------------------------------- eval ----
 
 
-def _np_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def np_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
   logits = logits - logits.max(-1, keepdims=True)
   log_z = np.log(np.exp(logits).sum(-1))
   return log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
@@ -367,7 +368,7 @@ def test_eval_loss_and_perplexity_are_token_weighted():
     got = evaluate(setup, make_eval_step(setup), params, batches)
 
   np_params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-  ce = [_np_cross_entropy(np_llama_logits(np_params, b['inputs'],
+  ce = [np_cross_entropy(np_llama_logits(np_params, b['inputs'],
                                           config.model), b['targets'])
         for b in batches]
   loss_sum = sum(float((c * b['weights']).sum()) for c, b in zip(ce, batches))
