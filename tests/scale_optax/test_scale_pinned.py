@@ -54,3 +54,24 @@ def test_scale_first_update_by_hand():
   # AdamW: -lr (g / |g| + wd * w) = -0.1 * (+-1 + 0.5).
   np.testing.assert_allclose(updates['norm']['scale'], [-0.15, 0.05],
                              rtol=1e-4)
+
+
+def test_output_layer_momentum_is_not_debiased():
+  """The first two updates of the LM head are ``(1 - b) G1`` and
+  ``b (1 - b) G1 + (1 - b) G2`` (the authors' ``lerp``, no debias); other
+  leaves pass through."""
+  params = {'lm_head': {'kernel': jnp.zeros((2, 2))},
+            'dense': {'kernel': jnp.zeros((2, 2))}}
+  g1 = {'lm_head': {'kernel': jnp.full((2, 2), 1.0)},
+        'dense': {'kernel': jnp.full((2, 2), 3.0)}}
+  g2 = {'lm_head': {'kernel': jnp.full((2, 2), 2.0)},
+        'dense': {'kernel': jnp.full((2, 2), 5.0)}}
+  tx = scale_optax.output_layer_momentum(0.9)
+  state = tx.init(params)
+  first, state = tx.update(g1, state, params)
+  second, _ = tx.update(g2, state, params)
+  np.testing.assert_allclose(first['lm_head']['kernel'], 0.1, rtol=1e-6)
+  np.testing.assert_allclose(second['lm_head']['kernel'], 0.09 + 0.2,
+                             rtol=1e-6)
+  np.testing.assert_allclose(first['dense']['kernel'], 3.0)
+  np.testing.assert_allclose(second['dense']['kernel'], 5.0)
