@@ -23,16 +23,13 @@ import time
 
 import jax
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 import dist_test_util as du
+import replay_util as ru
 from train import data as data_lib
 from train import mesh as mesh_lib
 from train.config import ConfigError, DistributedConfig, load_config
-from train.model import Llama, loss_fn
-from train.optim import make_optimizer
 
 # ----------------------------------------------------------- unit tests ----
 
@@ -217,78 +214,14 @@ def test_two_processes_train_and_checkpoint(two_process_run):
     assert json.loads((checkpoints / '3' / 'data' / f).read_text())
 
 
-def _process_batches(config, dataset, steps):
-  """Per step, what processes 0 and 1 of 2 must read: their own pipelines."""
-  iters = [dataset.train_iter(config.data.batch_size, config.data.seq_len,
-                              seed=config.train.seed, process_index=p,
-                              process_count=2) for p in (0, 1)]
-  train = [[next(it) for it in iters] for _ in range(steps)]
-  evals = [dataset.eval_batches(config.data.batch_size, config.data.seq_len,
-                                config.train.eval_batches, process_index=p,
-                                process_count=2) for p in (0, 1)]
-  return train, list(zip(*evals))
-
-
-def _concat(parts):
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _replay(config, global_batches, eval_batches):
-  """The run on one device in plain JAX from the seed's initial model:
-  (train losses, gradient norms, eval loss)."""
-  model = Llama(config.model,
-                rngs=nnx.Rngs(params=jax.random.key(config.train.seed)))
-  graphdef, state = nnx.split(model)
-  treedef = jax.tree.structure(state)
-  params = nnx.to_pure_dict(state)
-  tx, _ = make_optimizer(config.optimizer, config.train.steps)
-
-  def loss(p, batch):
-    merged = nnx.merge(graphdef, jax.tree.unflatten(treedef,
-                                                    jax.tree.leaves(p)))
-    return loss_fn(merged, batch)
-
-  @jax.jit
-  def step(p, opt_state, batch):
-    (value, _), grads = jax.value_and_grad(loss, has_aux=True)(p, batch)
-    updates, opt_state = tx.update(grads, opt_state, p)
-    return optax.apply_updates(p, updates), opt_state, value, \
-        optax.tree.norm(grads)
-
-  opt_state = tx.init(params)
-  losses, norms = [], []
-  for batch in global_batches:
-    params, opt_state, value, norm = step(params, opt_state, batch)
-    losses.append(float(value))
-    norms.append(float(norm))
-  sums = [jax.jit(loss)(params, b)[1] for b in eval_batches]
-  eval_loss = (sum(float(a['loss_sum']) for a in sums)
-               / sum(float(a['tokens']) for a in sums))
-  return losses, norms, eval_loss
-
-
 def test_each_process_reads_its_own_part_of_every_batch(two_process_run):
   """The rows the two processes read are disjoint and together make the
-  global batch the run trained and evaluated on: the run's losses and
-  gradient norms equal a one-device replay on the two pipelines' rows."""
+  global batch the run trained and evaluated on: the run's losses, gradient
+  norms and eval loss equal a one-device replay on the two pipelines' rows."""
   straight, data_dir, _ = two_process_run
-  # The command line's config: configs/tiny.yaml with the run's overrides.
-  config = load_config(du.REPO / 'configs' / 'tiny.yaml',
-                       [*du.SMALL, *STEPS, f'data.data_dir={data_dir}'])
+  config = ru.cli_config(*du.SMALL, *STEPS, f'data.data_dir={data_dir}')
   dataset = data_lib.prepare(config.data, du.VOCAB)
-  train, evals = _process_batches(config, dataset, steps=5)
-  for parts in [*train, *evals]:
-    rows = [{r.tobytes() for r in p['inputs']} for p in parts]
-    assert len(rows[0]) == len(rows[1]) == config.data.batch_size // 2
-    assert not rows[0] & rows[1], 'the processes read the same rows'
-  losses, norms, eval_loss = _replay(config, [_concat(p) for p in train],
-                                     [_concat(p) for p in evals])
-  records = du.records(straight, 'train')
-  np.testing.assert_allclose([r['loss'] for r in records], losses, rtol=1e-4)
-  np.testing.assert_allclose([r['grad_norm'] for r in records], norms,
-                             rtol=1e-4)
-  (evaluation,) = du.records(straight, 'eval')
-  np.testing.assert_allclose(evaluation['loss'], eval_loss, rtol=1e-4)
+  ru.assert_run_matches_replay(straight, config, dataset, processes=2)
 
 
 def test_two_processes_resume_on_another_mesh(two_process_run, tmp_path,
