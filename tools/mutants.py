@@ -41,11 +41,23 @@ TIMEOUT_S = 900
 
 @dataclasses.dataclass(frozen=True)
 class Mutant:
+  """One planted bug.
+
+  ``original`` and ``replacement`` are a string each, or tuples of the same
+  length giving alternatives (the code before and after a pending refactor):
+  the first alternative found exactly once in the file is planted.
+  """
   id: str
   file: str  # Relative to the repository root.
-  original: str  # Must occur exactly once in the file.
-  replacement: str
+  original: str | tuple[str, ...]
+  replacement: str | tuple[str, ...]
   tests: tuple[str, ...]  # pytest node ids that must fail.
+
+  def edits(self) -> list[tuple[str, str]]:
+    if isinstance(self.original, str):
+      return [(self.original, self.replacement)]
+    assert len(self.original) == len(self.replacement), self.id
+    return list(zip(self.original, self.replacement))
 
 
 P = 'tests/train/test_pinned.py::'
@@ -58,12 +70,15 @@ MUTANTS: tuple[Mutant, ...] = (
            '    return (0,)', '    return (1,)',
            (SP + 'test_column_rms_over_the_fan_in_by_hand',)),
     Mutant('rms-as-sum', 'scale_optax/transform.py',
-           'return jnp.mean(jnp.square(x), axis=axes, keepdims=True)',
-           'return jnp.sum(jnp.square(x), axis=axes, keepdims=True)',
+           ('return jnp.mean(jnp.square(x), axis=axes, keepdims=True)',
+            '  return total / math.prod(x.shape[a] for a in axes)'),
+           ('return jnp.sum(jnp.square(x), axis=axes, keepdims=True)',
+            '  return total'),
            (SP + 'test_column_rms_over_the_fan_in_by_hand',)),
     Mutant('eps-added-not-clamped', 'scale_optax/transform.py',
-           'g32 / jnp.maximum(jnp.sqrt(ms), eps)',
-           'g32 / (jnp.sqrt(ms) + eps)',
+           ('g32 / jnp.maximum(jnp.sqrt(ms), eps)',
+            'u = x / jnp.maximum(rms, eps)'),
+           ('g32 / (jnp.sqrt(ms) + eps)', 'u = x / (rms + eps)'),
            (SP + 'test_eps_clamps_the_rms',)),
     Mutant('momentum-debiased', 'scale_optax/transform.py',
            'optax.ema(momentum, debias=False',
@@ -80,24 +95,36 @@ MUTANTS: tuple[Mutant, ...] = (
            "DEFAULT_OUTPUT_LAYER = r'(^|/)embed(/|$)'",
            (P + 'test_optimizer_routing_on_the_state[scale]',)),
     Mutant('decay-before-normalize', 'scale_optax/alias.py',
-           '      _NORMALIZATIONS[normalization](eps=eps, '
-           'reduction_axes=reduction_axes),\n'
-           '      optax.add_decayed_weights(weight_decay),\n',
-           '      optax.add_decayed_weights(weight_decay),\n'
-           '      _NORMALIZATIONS[normalization](eps=eps, '
-           'reduction_axes=reduction_axes),\n',
+           ('      _NORMALIZATIONS[normalization](eps=eps, '
+            'reduction_axes=reduction_axes),\n'
+            '      optax.add_decayed_weights(weight_decay),\n',
+            '      _NORMALIZATIONS[normalization](eps=eps, '
+            'reduction_axes=reduction_axes,\n'
+            '                                     '
+            'tied_embedding=tied_embedding),\n'
+            '      optax.add_decayed_weights(weight_decay),\n'),
+           ('      optax.add_decayed_weights(weight_decay),\n'
+            '      _NORMALIZATIONS[normalization](eps=eps, '
+            'reduction_axes=reduction_axes),\n',
+            '      optax.add_decayed_weights(weight_decay),\n'
+            '      _NORMALIZATIONS[normalization](eps=eps, '
+            'reduction_axes=reduction_axes,\n'
+            '                                     '
+            'tied_embedding=tied_embedding),\n'),
            (SP + 'test_scale_first_update_by_hand',)),
     Mutant('vector-decay-dropped', 'scale_optax/alias.py',
-           'eps=adam_eps, weight_decay=weight_decay)',
-           'eps=adam_eps, weight_decay=0.0)',
+           'weight_decay=weight_decay)\n  parts = optax.partition',
+           'weight_decay=0.0)\n  parts = optax.partition',
            (SP + 'test_scale_first_update_by_hand',)),
     Mutant('adam-betas-swapped', 'scale_optax/alias.py',
            'b1=adam_b1, b2=adam_b2,', 'b1=adam_b2, b2=adam_b1,',
            ('tests/scale_optax/test_scale_reference.py::'
             'test_scale_matches_numpy_algorithm_1[False-0.0]',)),
     Mutant('vectors-column-normalized', 'scale_optax/alias.py',
-           "'matrix' if x.ndim >= 2 else 'vector'",
-           "'matrix' if x.ndim >= 1 else 'vector'",
+           ("'matrix' if x.ndim >= 2 else 'vector'",
+            "labels = iter(['vector' if v else 'matrix' for v in"),
+           ("'matrix' if x.ndim >= 1 else 'vector'",
+            "labels = iter(['matrix' for v in"),
            (P + 'test_optimizer_routing_on_the_state[scale]',)),
     Mutant('first-last-without-embedding', 'scale_optax/alias.py',
            "FIRST_AND_LAST_LAYERS = r'(^|/)(embed|embedding|tok_embeddings|"
@@ -149,8 +176,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ('tests/train/test_multihost.py::'
             'test_each_process_reads_its_own_part_of_every_batch',)),
     Mutant('logged-rate-of-next-step', 'train/loop.py',
-           'learning_rate=float(schedule(step - 1))',
-           'learning_rate=float(schedule(step))',
+           'schedule(step - 1))', 'schedule(step))',
            ('tests/train/test_train_e2e.py::'
             'test_run_outputs_and_memory_report',)),
     # ----------------------------------------------------- train/data ----
@@ -223,16 +249,18 @@ class Result:
   detail: str = ''
 
 
-def check_snippet(root: pathlib.Path, m: Mutant) -> str:
-  """'' if the snippet occurs exactly once in the file, else why not."""
+def find_edit(root: pathlib.Path, m: Mutant) -> tuple[str, str] | str:
+  """The (original, replacement) to plant, or why there is none."""
   path = root / m.file
   if not path.is_file():
     return f'{m.file} does not exist'
-  count = path.read_text().count(m.original)
-  if count != 1:
-    return (f'original snippet found {count} times in {m.file} (must be '
-            f'exactly once): {m.original!r}')
-  return ''
+  text = path.read_text()
+  for original, replacement in m.edits():
+    if text.count(original) == 1:
+      return original, replacement
+  counts = ', '.join(f'{text.count(o)} x {o!r}' for o, _ in m.edits())
+  return (f'no original snippet occurs exactly once in {m.file} ({counts}); '
+          f'update the mutant to the current code')
 
 
 def copy_repository(destination: pathlib.Path) -> pathlib.Path:
@@ -269,12 +297,12 @@ def _first_failure(output: str, code: int) -> str:
 
 
 def run_mutant(root: pathlib.Path, m: Mutant, timeout: int) -> Result:
-  problem = check_snippet(root, m)
-  if problem:
-    return Result(m, 'STALE', detail=problem)
+  edit = find_edit(root, m)
+  if isinstance(edit, str):
+    return Result(m, 'STALE', detail=edit)
   path = root / m.file
   original = path.read_text()
-  path.write_text(original.replace(m.original, m.replacement))
+  path.write_text(original.replace(*edit))
   start = time.monotonic()
   try:
     code, output = run_tests(root, m.tests, timeout)
@@ -323,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
   chosen = [m for m in MUTANTS if not args.only or m.id in args.only]
   if args.list:
     for m in chosen:
-      stale = check_snippet(REPO, m)
+      edit = find_edit(REPO, m)
+      stale = edit if isinstance(edit, str) else ''
       print(f'{m.id}  {m.file}{"  STALE: " + stale if stale else ""}')
       for t in m.tests:
         print(f'    {t}')
