@@ -167,7 +167,8 @@ def _first_update(name: str, lr: float, vector_lr: float) -> dict:
   tx, _ = make_optimizer(config, 10)
   params = jax.tree.map(lambda x: jnp.full(x.shape, 0.1, x.dtype),
                         _abstract_params())
-  updates, _ = tx.update(_unit_gradients(params), tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(_unit_gradients(params), tx.init(params),
+                                  params)
   return _paths(updates)
 
 
@@ -329,7 +330,8 @@ def test_forward_matches_numpy_llama():
       state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
   nnx.update(model, state)
   tokens = np.random.default_rng(1).integers(0, 32, (2, 8))
-  got = np.asarray(model(jnp.asarray(tokens)), np.float64)
+  got = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)),
+                   np.float64)
   want = np_llama_logits(params, tokens, cfg)
   assert np.abs(want).max() > 1.0  # Not a near-zero output.
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
