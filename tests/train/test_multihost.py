@@ -5,7 +5,9 @@ Unit tests of ``train.mesh``'s distributed helpers, then a real run: two
 8-device mesh, gloo collectives across the processes), trained for 5 steps
 with a checkpoint at step 3, then restarted as if killed after step 3 (the
 later checkpoint removed) on another mesh shape. The restarted processes must
-resume at step 3 and repeat the uninterrupted run's losses.
+resume at step 3 and repeat the uninterrupted run's losses. The run itself is
+checked against an independent one-device replay on the rows each process's
+pipeline gives: the processes read disjoint halves of every global batch.
 
 (Two processes read different document shards than one process does, so the
 two-process losses are compared with the two-process uninterrupted run, not
@@ -24,6 +26,8 @@ import numpy as np
 import pytest
 
 import dist_test_util as du
+import replay_util as ru
+from train import data as data_lib
 from train import mesh as mesh_lib
 from train.config import ConfigError, DistributedConfig, load_config
 
@@ -169,12 +173,23 @@ def _two_processes(run_dir, data_dir, cache_dir, *args, timeout=240,
   return outputs
 
 
-def test_two_processes_train_checkpoint_and_resume(tmp_path_factory, tmp_path):
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+  """5 steps on 2 processes x 4 devices (checkpoints at 3 and 5).
+
+  Returns the run directory, the data directory and the two outputs.
+  """
   cache_dir = du.compile_cache_dir(tmp_path_factory)
+  root = tmp_path_factory.mktemp('two_processes')
   # A fresh data directory: process 0 prepares it while process 1 waits.
-  data_dir = tmp_path / 'data'
-  straight = tmp_path / 'straight'
+  data_dir = root / 'data'
+  straight = root / 'straight'
   outs = _two_processes(straight, data_dir, cache_dir)
+  return straight, data_dir, outs
+
+
+def test_two_processes_train_and_checkpoint(two_process_run):
+  straight, _, outs = two_process_run
   assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} on 8 cpu device(s), " \
          "2 process(es)" in outs[0]
   assert 'summary:' in outs[0] and 'summary:' not in outs[1]
@@ -198,6 +213,23 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path_factory, tmp_path):
   for f in data_files:  # Each process's own iterator position.
     assert json.loads((checkpoints / '3' / 'data' / f).read_text())
 
+
+def test_each_process_reads_its_own_part_of_every_batch(two_process_run):
+  """The rows the two processes read are disjoint and together make the
+  global batch the run trained and evaluated on: the run's losses, gradient
+  norms and eval loss equal a one-device replay on the two pipelines' rows."""
+  straight, data_dir, _ = two_process_run
+  config = ru.cli_config(*du.SMALL, *STEPS, f'data.data_dir={data_dir}')
+  dataset = data_lib.prepare(config.data, du.VOCAB)
+  ru.assert_run_matches_replay(straight, config, dataset, processes=2)
+
+
+def test_two_processes_resume_on_another_mesh(two_process_run, tmp_path,
+                                              tmp_path_factory):
+  straight, data_dir, _ = two_process_run
+  cache_dir = du.compile_cache_dir(tmp_path_factory)
+  loss = du.losses(straight)
+  (evaluation,) = du.records(straight, 'eval')
   # Both processes killed after step 3's checkpoint: restart them, on a mesh
   # with tensor parallelism across the two processes.
   resumed = tmp_path / 'resumed'

@@ -9,7 +9,8 @@
   SCALE's column normalization reduces across the shards of a matrix: each
   column of ``(W_old - W_new) / lr`` has RMS exactly 1.
 - ``python -m train`` gives the same losses on meshes 8x1x1, 2x4x1, 2x2x2 and
-  1x8x1 as on one device over 5 steps.
+  1x8x1 as on one device over 5 steps, and the one-device run gives those of
+  an independent plain-JAX replay (``replay_util``).
 - A checkpoint saved on mesh 1x8x1 restores onto 2x2x2 and onto one device,
   and the resumed runs continue with the uninterrupted run's losses.
 """
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 
 import dist_test_util as du
+import replay_util as ru
+from train import data as data_lib
 
 STEPS = ('train.steps=5', 'train.eval_every=5')
 RTOL = 2e-5  # Observed differences between meshes: about 1e-7 relative.
@@ -292,11 +295,17 @@ def _assert_same_losses(run_dir, reference, steps=range(1, 6)):
   np.testing.assert_allclose(got_eval['loss'], want_eval['loss'], rtol=RTOL)
 
 
-def test_one_device_run_learns(one_device_run):
+def test_one_device_run_learns_as_an_independent_replay(one_device_run,
+                                                       data_dir):
+  """The reference of every mesh comparison below is itself checked: its
+  losses, gradient norms and eval loss are those of a plain-JAX replay."""
   loss = du.losses(one_device_run)
   assert sorted(loss) == [1, 2, 3, 4, 5]
   assert all(np.isfinite(v) for v in loss.values())
   assert loss[5] < loss[1]
+  config = ru.cli_config(*du.SMALL, *STEPS, f'data.data_dir={data_dir}')
+  dataset = data_lib.prepare(config.data, du.VOCAB)
+  ru.assert_run_matches_replay(one_device_run, config, dataset, processes=1)
 
 
 def test_fsdp8_matches_one_device(fsdp8_run, one_device_run):

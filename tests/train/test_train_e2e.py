@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from test_pinned import np_cross_entropy, np_llama_logits
 from train import data as data_lib
 from train.config import load_config
 from train.loop import train
@@ -51,6 +52,19 @@ def records(run_dir, kind):
   return [r for r in map(json.loads, lines) if r['kind'] == kind]
 
 
+def direct_eval_loss(config, params) -> float:
+  """The eval loss by definition: every target token of the eval batches
+  scored by a NumPy LLaMA on ``params``, averaged over the tokens."""
+  dataset = data_lib.prepare(config.data, config.model.vocab_size)
+  batches = dataset.eval_batches(config.data.batch_size, config.data.seq_len,
+                                 config.train.eval_batches)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  total = sum(np_cross_entropy(np_llama_logits(params, b['inputs'],
+                                               config.model),
+                               b['targets']).sum() for b in batches)
+  return float(total) / sum(b['targets'].size for b in batches)
+
+
 def test_every_optimizer_has_a_learning_rate():
   from train.optim import OPTIMIZERS  # pylint: disable=g-import-not-at-top
   assert set(LEARNING_RATES) == set(OPTIMIZERS)
@@ -70,13 +84,36 @@ def test_each_optimizer_trains_below_the_unigram_baseline(
   assert math.isfinite(summary['eval_perplexity'])
   assert summary['eval_perplexity'] < unigram, (summary, unigram)
   assert summary['steps'] == 80 and summary['tokens'] == 80 * 8 * 64
+  # Beside the baseline (which a wrong eval passes too): the reported value
+  # is the eval loss of the final parameters, computed directly.
+  want = direct_eval_loss(config, _restore_params(tmp_path, 80))
+  np.testing.assert_allclose(summary['eval_loss'], want, rtol=1e-4)
+  np.testing.assert_allclose(summary['eval_perplexity'], math.exp(want),
+                             rtol=2e-4)
+
+
+# The rate each step's update used, by hand: lr 1e-3, 20 steps, warmup 2
+# steps from 0, then cosine over 18 steps to 1e-4; step s uses the schedule
+# at s - 1 (the first update has rate 0).
+LOGGED_RATES = {1: 0.0, 2: 5e-4, 3: 1e-3, 12: 5.5e-4,
+                20: 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 17 / 18))}
 
 
 def test_run_outputs_and_memory_report(data_dir, tmp_path):
   config = small_config(data_dir, tmp_path, 'train.steps=20',
                         'train.eval_every=10', 'train.checkpoint_every=10',
-                        'train.log_every=5', 'train.keep_checkpoints=1')
+                        'train.log_every=1', 'train.keep_checkpoints=1')
   summary = train(config, resume=False)
+  rates = {r['step']: r['learning_rate'] for r in records(tmp_path, 'train')}
+  for step, rate in LOGGED_RATES.items():
+    np.testing.assert_allclose(rates[step], rate, rtol=1e-5, atol=1e-12,
+                               err_msg=f'step {step}')
+  evaluation = records(tmp_path, 'eval')[-1]
+  want = direct_eval_loss(config, _restore_params(tmp_path, 20))
+  np.testing.assert_allclose(evaluation['loss'], want, rtol=1e-4)
+  np.testing.assert_allclose(evaluation['perplexity'], math.exp(want),
+                             rtol=2e-4)
+  assert evaluation['eval_tokens'] == 4 * 8 * 64
   assert (tmp_path / 'loss.png').stat().st_size > 10_000
   assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
   assert json.loads((tmp_path / 'summary.json').read_text()) == summary
