@@ -18,6 +18,7 @@ import pytest
 import dist_test_util as du
 from train import mesh as mesh_lib
 from train.config import ConfigError, load_config
+from train.dry_run import dry_run, format_report
 from train.loop import _global_batch
 from train.optim import make_optimizer
 from train.state import make_setup
@@ -97,3 +98,15 @@ def test_micro_batches_on_a_sharded_mesh_equal_one_batch(tmp_path):
 def test_bad_grad_accum_steps_are_config_errors(overrides, message):
   with pytest.raises(ConfigError, match=message):
     load_config('configs/tiny.yaml', [*SMALL, *overrides])
+
+
+def test_dry_run_reports_the_smaller_temporaries_of_micro_batches():
+  """Activations of a quarter of the batch at a time: well under the k=1
+  step's temporaries (which a 64-row batch of this model dominates)."""
+  big = [*SMALL, 'data.batch_size=64', 'data.seq_len=128']
+  one = dry_run(load_config('configs/tiny.yaml', big))
+  config = load_config('configs/tiny.yaml', [*big, 'train.grad_accum_steps=4'])
+  four = dry_run(config)
+  assert four['temp_bytes'] < 0.5 * one['temp_bytes'], (four, one)
+  assert 'batch 64 x 128 as 4 micro-batches of 16' in format_report(config,
+                                                                     four)
