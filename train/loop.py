@@ -189,9 +189,10 @@ class _StepMonitor:
 
   Reading step ``N - 1``'s metrics after dispatching step ``N`` keeps the
   devices busy (step ``N`` is queued while the host waits) and bounds the
-  steps in flight to two (XLA:CPU collectives on simulated devices can
-  deadlock with many in flight). When one more skipped step would reach
-  ``train.max_consecutive_skips``, each step is read at once instead, so the
+  steps in flight to two. On several CPU devices each step is read at once:
+  XLA:CPU's collectives can deadlock on 2 cores with sharded programs in
+  flight side by side (DESIGN.md section 4). When one more skipped step
+  would reach ``train.max_consecutive_skips``, each step is read at once, so the
   run stops with nothing dispatched after the last skipped step: its state is
   still the last good one.
   """
@@ -208,11 +209,14 @@ class _StepMonitor:
     self.pending: Optional[tuple[int, dict[str, jax.Array]]] = None
     self.skips_in_a_row = 0
     self.announced = False
+    self.one_in_flight = (jax.default_backend() == 'cpu'
+                          and jax.device_count() > 1)
 
   def dispatched(self, step: int, metrics: dict[str, jax.Array]) -> None:
     self.flush()
     self.pending = (step, metrics)
-    if self.skips_in_a_row + 1 >= self.config.train.max_consecutive_skips:
+    if (self.one_in_flight or self.skips_in_a_row + 1
+        >= self.config.train.max_consecutive_skips):
       self.flush()
 
   def flush(self) -> None:
