@@ -85,7 +85,8 @@ _SCRIPT = textwrap.dedent(r'''
 ''')
 
 
-def test_micro_batches_on_a_sharded_mesh_equal_one_batch(tmp_path):
+@pytest.mark.slow  # Four compiles on 8 simulated devices in a subprocess.
+def test_micro_batches_on_a_sharded_mesh_equal_one_batch():
   out = du.last_json_line(du.run_python(_SCRIPT, devices=8))
   assert len(out['losses']) == STEPS
 
