@@ -149,6 +149,12 @@ class TrainConfig:
   # ``diagnostics_microbatches`` micro-batches of the step's batch.
   diagnostics_every: int = 0
   diagnostics_microbatches: int = 4
+  # Gradient accumulation: each global batch of ``data.batch_size`` rows runs
+  # as this many micro-batches inside one compiled step, then one update.
+  grad_accum_steps: int = 1
+  # Peak FLOP/s per device in TFLOP/s for the MFU figure (None: the known
+  # chips' table in train/perf.py; unknown chips report no MFU).
+  peak_tflops: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +343,8 @@ def validate(config: Config) -> None:
                      ('train.log_every', t.log_every),
                      ('train.checkpoint_every', t.checkpoint_every),
                      ('train.keep_checkpoints', t.keep_checkpoints),
-                     ('train.max_consecutive_skips', t.max_consecutive_skips)]:
+                     ('train.max_consecutive_skips', t.max_consecutive_skips),
+                     ('train.grad_accum_steps', t.grad_accum_steps)]:
     _require(value > 0, key, f'must be positive, got {value}.')
   _require(t.diagnostics_every >= 0, 'train.diagnostics_every',
            f'must be >= 0 (0: off), got {t.diagnostics_every}.')
@@ -349,6 +356,11 @@ def validate(config: Config) -> None:
              'train.diagnostics_microbatches',
              f'must divide data.batch_size={d.batch_size}, got '
              f'{t.diagnostics_microbatches}.')
+  _require(d.batch_size % t.grad_accum_steps == 0, 'train.grad_accum_steps',
+           f'must divide data.batch_size={d.batch_size}, got '
+           f'{t.grad_accum_steps}.')
+  _require(t.peak_tflops is None or t.peak_tflops > 0, 'train.peak_tflops',
+           f'must be positive or null, got {t.peak_tflops}.')
   _require(m.d_model % m.n_heads == 0, 'model.n_heads',
            f'must divide model.d_model={m.d_model}, got {m.n_heads}.')
   _require((m.d_model // m.n_heads) % 2 == 0, 'model.n_heads',

@@ -11,7 +11,10 @@ on a CPU host with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``::
 
 The state and batch rows come from the shardings alone (exact); the step's
 temporaries are what XLA's compiler for this backend plans, so a CPU dry run
-of a GPU or TPU job is an estimate (fusion and layouts differ).
+of a GPU or TPU job is an estimate (fusion and layouts differ). With
+``train.grad_accum_steps=k`` the step holds the activations of one
+micro-batch (``batch_size / k`` rows) at a time, plus a float32 gradient
+accumulator like the params.
 """
 
 from __future__ import annotations
@@ -121,6 +124,12 @@ def peak_bytes(r: dict[str, Any]) -> Optional[int]:
   return args + outs - alias + temps
 
 
+def _micro(config: Config) -> str:
+  k = config.train.grad_accum_steps
+  return (f' as {k} micro-batches of {config.data.batch_size // k}' if k > 1
+          else '')
+
+
 def format_report(config: Config, r: dict[str, Any]) -> str:
   """The table printed by ``--dry-run``: per device in bytes and GiB, and the
   total over all devices (one copy of each array) for the state and batch."""
@@ -136,7 +145,7 @@ def format_report(config: Config, r: dict[str, Any]) -> str:
   lines = [f'dry run: {config.optimizer.name} on mesh {r["mesh"]} '
            f'({r["devices"]} devices), d_model {config.model.d_model}, '
            f'{config.model.n_layers} layers, batch {config.data.batch_size} x '
-           f'{config.data.seq_len}, compute {config.model.dtype}',
+           f'{config.data.seq_len}{_micro(config)}, compute {config.model.dtype}',
            f'{"per device":<46} {"bytes":>16} {"GiB":>10} {"total GiB":>10}']
   lines += [f'{name:<46} {num(value):>16} {gib(value):>10} '
             f'{gib(total) if total is not None else "":>10}'.rstrip()

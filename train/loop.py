@@ -6,6 +6,7 @@ the run's summary (also written to ``<run_dir>/summary.json``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +25,14 @@ import yaml
 
 from train import data as data_lib
 from train import mesh as mesh_lib
+from train import perf
 from train.checkpoint import Checkpointer, set_aside
 from train.config import Config, to_dict
 from train.diagnostics import make_gradient_variance
 from train.metrics import MetricsWriter, plot_losses
 from train.model import attention_implementation, param_count
 from train.optim import make_optimizer
+from train.prefetch import DevicePrefetch
 from train.state import TrainSetup, make_setup, memory_report
 from train.step import make_eval_step, make_train_step
 
@@ -78,30 +81,182 @@ def evaluate(setup: TrainSetup, eval_step: Any, params: Any,
 
 
 class _StopFlag:
-  """Set by SIGTERM (preemption) or Ctrl-C; the loop saves and exits."""
+  """Set by SIGTERM (preemption) or Ctrl-C; the loop saves and exits.
 
-  def __init__(self):
-    self.reason: Optional[str] = None
+  One process acts on its signal at the next step. Several processes agree
+  every ``every`` steps (an all-gather of a few bytes, the loop's only
+  collective besides the steps): all then save the same step and exit
+  together, where a process stopping alone would leave the others waiting in
+  a collective.
+  """
+
+  def __init__(self, every: int):
+    self.every = every
+    self.signal: Optional[str] = None  # This process's own signal.
+    self.reason: Optional[str] = None  # Set once every process agrees.
 
   def __call__(self, signum, frame):
     del frame
-    self.reason = signal.Signals(signum).name
+    self.signal = signal.Signals(signum).name
 
   def install(self) -> dict[int, Any]:
     return {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
 
-  def agreed(self) -> bool:
-    """Whether any process was signalled; all processes get the same answer.
-
-    With several processes the flags are all-gathered every step (a few bytes)
-    so every process saves the same step and exits together; otherwise a
-    process stopping alone would leave the others waiting in a collective.
-    """
-    if jax.process_count() > 1:
-      flags = multihost_utils.process_allgather(np.int32(self.reason is not None))
-      if self.reason is None and np.asarray(flags).any():
-        self.reason = 'stop requested on another process'
+  def agreed(self, step: int) -> bool:
+    """Whether to stop after ``step``; every process gets the same answer."""
+    if jax.process_count() == 1:
+      self.reason = self.signal
+    elif step % self.every == 0:
+      flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
+      if np.asarray(flags).any():
+        self.reason = self.signal or 'stop requested on another process'
     return self.reason is not None
+
+
+class _Throughput:
+  """Training speed, not counting the first step (it compiles), evaluation,
+  checkpoints and diagnostics (inside :meth:`paused`).
+
+  The clock starts when the first step's metrics are read and advances each
+  time a later step's are; tokens/s per device and MFU follow from it.
+  """
+
+  def __init__(self, config: Config, start: int, tokens_per_step: int):
+    self.first = start + 1
+    self.tokens_per_step = tokens_per_step
+    self.devices = jax.device_count()
+    self.flops_per_token = perf.flops_per_token(config.model,
+                                                config.data.seq_len)
+    self.peak = perf.peak_flops_per_device(
+        jax.devices()[0], jnp.dtype(config.model.dtype),
+        config.train.peak_tflops)
+    self.t0: Optional[float] = None
+    self.paused_s = 0.0
+    self.timed_steps, self.elapsed_s = 0, 0.0
+
+  def step_done(self, step: int) -> None:
+    now = time.perf_counter()
+    if self.t0 is None:
+      self.t0, self.paused_s = now, 0.0
+      return
+    self.timed_steps = step - self.first
+    self.elapsed_s = now - self.t0 - self.paused_s
+
+  @contextlib.contextmanager
+  def paused(self):
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.paused_s += time.perf_counter() - t
+
+  @property
+  def step_s(self) -> Optional[float]:
+    return self.elapsed_s / self.timed_steps if self.timed_steps else None
+
+  def rates(self) -> dict[str, Optional[float]]:
+    """``tokens_per_s`` (all devices), ``tokens_per_s_per_device`` and
+    ``mfu`` (None where unknown)."""
+    if not self.step_s:
+      return {'tokens_per_s': None, 'tokens_per_s_per_device': None,
+              'mfu': None}
+    tok_s = self.tokens_per_step / self.step_s
+    per_device = tok_s / self.devices
+    return {'tokens_per_s': tok_s, 'tokens_per_s_per_device': per_device,
+            'mfu': perf.mfu(per_device, self.flops_per_token, self.peak)}
+
+
+def expected_duration(config: Config, step: int, step_s: float,
+                      elapsed_s: float) -> str:
+  """The line announcing the run's expected wall time after ``step``.
+
+  The remaining evaluations are estimated at a third of a train step per
+  eval batch (a forward pass of the same batch).
+  """
+  t = config.train
+  remaining = t.steps - step
+  evals = len([s for s in range(step + 1, t.steps + 1)
+               if s % t.eval_every == 0 or s == t.steps])
+  left = remaining * step_s + evals * t.eval_batches * step_s / 3
+  minutes = lambda s: f'{s / 60:.1f} min'
+  return (f'expected duration: about {minutes(elapsed_s + left)} in all, '
+          f'{minutes(left)} from now ({step_s * 1e3:.0f} ms per step '
+          f'measured, {remaining} steps and {evals} evaluations to go)')
+
+
+class _StepMonitor:
+  """Reads each step's metrics one step late, logs them, counts skips.
+
+  Reading step ``N - 1``'s metrics after dispatching step ``N`` keeps the
+  devices busy (step ``N`` is queued while the host waits) and bounds the
+  steps in flight to two. On several CPU devices each step is read at once:
+  XLA:CPU's collectives can deadlock on 2 cores with sharded programs in
+  flight side by side (DESIGN.md section 4). When one more skipped step
+  would reach ``train.max_consecutive_skips``, each step is read at once, so the
+  run stops with nothing dispatched after the last skipped step: its state is
+  still the last good one.
+  """
+
+  def __init__(self, config: Config, schedule: Any, writer: MetricsWriter,
+               progress: Any, clock: _Throughput,
+               save: Callable[[int], None], tell: Callable[[str], None],
+               t_start: float):
+    self.config, self.schedule, self.writer = config, schedule, writer
+    self.progress, self.clock, self.save, self.tell = (progress, clock, save,
+                                                       tell)
+    self.t_start = t_start
+    self.tokens_per_step = config.data.batch_size * config.data.seq_len
+    self.pending: Optional[tuple[int, dict[str, jax.Array]]] = None
+    self.skips_in_a_row = 0
+    self.announced = False
+    self.one_in_flight = (jax.default_backend() == 'cpu'
+                          and jax.device_count() > 1)
+
+  def dispatched(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.flush()
+    self.pending = (step, metrics)
+    if (self.one_in_flight or self.skips_in_a_row + 1
+        >= self.config.train.max_consecutive_skips):
+      self.flush()
+
+  def flush(self) -> None:
+    """Reads the pending step's metrics (waits for that step)."""
+    if self.pending is not None:
+      step, metrics = self.pending
+      self.pending = None
+      self._read(step, jax.device_get(metrics))
+
+  def _read(self, step: int, metrics: dict[str, Any]) -> None:
+    t = self.config.train
+    self.clock.step_done(step)
+    skipped = int(metrics['skipped'])
+    self.skips_in_a_row = self.skips_in_a_row + 1 if skipped else 0
+    rates = self.clock.rates()
+    if step % t.log_every == 0 or skipped:
+      self.writer.write('train', step, tokens=step * self.tokens_per_step,
+                        loss=float(metrics['loss']),
+                        grad_norm=float(metrics['grad_norm']),
+                        learning_rate=float(self.schedule(step - 1)),
+                        skipped=skipped, **rates)
+    self.progress.update(1)
+    self.progress.set_postfix(loss=f'{float(metrics["loss"]):.3f}',
+                              tok_s=f'{rates["tokens_per_s"] or 0:,.0f}',
+                              refresh=False)
+    if not self.announced and self.clock.timed_steps >= 5:
+      self.announced = True
+      self.tell(expected_duration(self.config, step, self.clock.step_s,
+                                  time.time() - self.t_start))
+    if self.skips_in_a_row >= t.max_consecutive_skips:
+      # Skipped steps left params and optimizer state unchanged: this
+      # saves the last good state (a resume goes on after these batches).
+      self.save(step)
+      n = self.skips_in_a_row
+      raise TrainingError(
+          f'{n} consecutive steps had a non-finite loss, gradient or update '
+          f'(steps {step - n + 1}-{step}, train.max_consecutive_skips='
+          f'{t.max_consecutive_skips}); stopped with the last good state '
+          f'(from step {step - n}) saved as the checkpoint of step {step}. '
+          f'Lower optimizer.learning_rate or check the data.')
 
 
 def train(config: Config, resume: bool = True) -> dict[str, Any]:
@@ -181,66 +336,51 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
               if config.train.diagnostics_every else None)
   eval_step = make_eval_step(setup)
   tokens_per_step = config.data.batch_size * config.data.seq_len
+  batches = DevicePrefetch(train_iter, lambda b: _global_batch(setup, b))
 
   def save(step: int) -> None:
-    checkpointer.save(step, {'params': params, 'opt_state': opt_state,
-                             'step': jnp.asarray(step, jnp.int32), 'rng': rng},
-                      train_iter)
+    with clock.paused():
+      checkpointer.save(step, {'params': params, 'opt_state': opt_state,
+                               'step': jnp.asarray(step, jnp.int32),
+                               'rng': rng}, batches)
 
-  stop = _StopFlag()
+  stop = _StopFlag(config.train.log_every)
   previous_handlers = stop.install()
   eval_result: dict[str, float] = {}
-  step_time, timed_steps, skips_in_a_row = 0.0, 0, 0
+  clock = _Throughput(config, start, tokens_per_step)
   progress = _progress(config, start, enabled=is_main and config.train.progress)
   tell = progress.write if is_main else (lambda *a, **k: None)  # Above the bar.
+  monitor = _StepMonitor(config, schedule, writer, progress, clock, save, tell,
+                         t_start)
   try:
     with jax.set_mesh(mesh):
       for step in range(start + 1, config.train.steps + 1):
-        t0 = time.perf_counter()
-        batch = _global_batch(setup, next(train_iter))
+        batch = next(batches)
         if diagnose is not None and step % config.train.diagnostics_every == 0:
           # Before the step (which donates params); reads, never changes them.
-          t_diag = time.perf_counter()
-          writer.write('diagnostics', step,
-                       tokens=(step - 1) * tokens_per_step,
-                       **diagnose(params, batch))
-          t0 += time.perf_counter() - t_diag  # Not counted as step time.
+          with clock.paused():
+            writer.write('diagnostics', step,
+                         tokens=(step - 1) * tokens_per_step,
+                         **diagnose(params, batch))
         params, opt_state, metrics = train_step(params, opt_state, batch)
-        metrics = jax.device_get(metrics)  # One sync per step (see DESIGN §4).
-        if step > start + 1:  # The first step compiles.
-          step_time += time.perf_counter() - t0
-          timed_steps += 1
-        tokens = step * tokens_per_step
-        skips_in_a_row = skips_in_a_row + 1 if metrics['skipped'] else 0
-        tok_s = timed_steps * tokens_per_step / step_time if step_time else 0.0
-        if step % config.train.log_every == 0 or metrics['skipped']:
-          writer.write('train', step, tokens=tokens,
-                       loss=float(metrics['loss']),
-                       grad_norm=float(metrics['grad_norm']),
-                       learning_rate=float(schedule(step - 1)),
-                       skipped=int(metrics['skipped']), tokens_per_s=tok_s)
-        progress.update(1)
-        progress.set_postfix(loss=f'{float(metrics["loss"]):.3f}',
-                             tok_s=f'{tok_s:,.0f}', refresh=False)
-        if skips_in_a_row >= config.train.max_consecutive_skips:
-          # Skipped steps left params and optimizer state unchanged: this
-          # saves the last good state (a resume goes on after these batches).
-          save(step)
-          raise TrainingError(
-              f'{skips_in_a_row} consecutive steps had a non-finite loss, '
-              f'gradient or update (steps {step - skips_in_a_row + 1}-{step}, '
-              f'train.max_consecutive_skips={config.train.max_consecutive_skips}'
-              f'); stopped with the last good state (from step '
-              f'{step - skips_in_a_row}) saved as the checkpoint of step '
-              f'{step}. Lower optimizer.learning_rate or check the data.')
-        if step % config.train.eval_every == 0 or step == config.train.steps:
-          eval_result = evaluate(setup, eval_step, params, eval_batches)
-          writer.write('eval', step, tokens=tokens, **eval_result)
+        if step < config.train.steps:
+          batches.prefetch()  # Batch step + 1 travels while step runs.
+        monitor.dispatched(step, metrics)
+        evaluating = (step % config.train.eval_every == 0
+                      or step == config.train.steps)
+        stopping = stop.agreed(step)
+        saving = (step % config.train.checkpoint_every == 0
+                  or step == config.train.steps or stopping)
+        if evaluating or saving:
+          monitor.flush()
+        if evaluating:
+          with clock.paused():
+            eval_result = evaluate(setup, eval_step, params, eval_batches)
+          writer.write('eval', step, tokens=step * tokens_per_step,
+                       **eval_result)
           tell(f'step {step}: eval loss {eval_result["loss"]:.4f}, '
                f'perplexity {eval_result["perplexity"]:.2f}')
-        stopping = stop.agreed()
-        if step % config.train.checkpoint_every == 0 or \
-            step == config.train.steps or stopping:
+        if saving:
           save(step)
         if stopping:
           tell(f'{stop.reason}: checkpoint saved at step {step}, exiting.')
@@ -263,8 +403,8 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
       'tokens': final_step * tokens_per_step,
       'eval_loss': eval_result.get('loss'),
       'eval_perplexity': eval_result.get('perplexity'),
-      'tokens_per_s': (timed_steps * tokens_per_step / step_time
-                       if step_time else None),
+      **clock.rates(),
+      'devices': jax.device_count(),
       'wall_s': time.time() - t_start,
       'stopped_by': stop.reason,
       **memory,
@@ -283,8 +423,12 @@ def _summary_line(s: dict[str, Any], run_dir: pathlib.Path) -> str:
   ppl = (f'{s["eval_perplexity"]:.2f}' if s['eval_perplexity'] is not None
          else 'n/a')
   tps = f'{s["tokens_per_s"]:,.0f}' if s['tokens_per_s'] else 'n/a'
+  per_device = (f' ({s["tokens_per_s_per_device"]:,.0f} per device)'
+                if s['tokens_per_s'] and s['devices'] > 1 else '')
+  mfu = f' | MFU {s["mfu"]:.1%}' if s['mfu'] is not None else ''
   return (f'summary: {s["optimizer"]} | step {s["steps"]} | '
-          f'{s["tokens"]:,} tokens | eval perplexity {ppl} | {tps} tokens/s | '
+          f'{s["tokens"]:,} tokens | eval perplexity {ppl} | {tps} tokens/s'
+          f'{per_device}{mfu} | '
           f'{s["wall_s"]:.0f} s | state {s["opt_state_bytes"]:,} B | '
           f'outputs in {run_dir}')
 

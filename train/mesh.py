@@ -262,7 +262,8 @@ def check_batch(config: Config, mesh: Mesh) -> None:
   Each process reads ``batch_size / process_count`` rows of every global
   batch, so the rows that the batch sharding puts on a process's devices must
   be exactly that many (not so when, e.g., the batch is replicated over an
-  axis that spans processes).
+  axis that spans processes). With gradient accumulation each micro-batch
+  must split too.
   """
   dp = data_parallel_size(mesh, config.mesh)
   batch, processes = config.data.batch_size, jax.process_count()
@@ -270,6 +271,12 @@ def check_batch(config: Config, mesh: Mesh) -> None:
     raise ConfigError(
         f'data.batch_size: {batch} is not divisible by the '
         f'data-parallel size {dp} (mesh {dict(mesh.shape)}).')
+  k = config.train.grad_accum_steps
+  if (batch // k) % dp:
+    raise ConfigError(
+        f'train.grad_accum_steps: micro-batches of {batch} / {k} = '
+        f'{batch // k} rows do not split over the data-parallel size {dp} '
+        f'(mesh {dict(mesh.shape)}).')
   if batch % processes:
     raise ConfigError(
         f'data.batch_size: {batch} is not divisible by the '
