@@ -131,6 +131,10 @@ class TrainConfig:
   # ``diagnostics_microbatches`` micro-batches of the step's batch.
   diagnostics_every: int = 0
   diagnostics_microbatches: int = 4
+  # A Hugging Face LLaMA directory (e.g. from ``python -m train.export``)
+  # whose weights start the run instead of a random init; it must match
+  # ``model`` exactly. Ignored when the run resumes from a checkpoint.
+  init_from: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
