@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -299,6 +300,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  # Orbax warns that a checkpoint's item folder has no step metadata: it
+  # lives one level up, where the trainer's CheckpointManager wrote it.
+  logging.getLogger('absl').setLevel(logging.ERROR)
   try:
     out = export_run(args.run_dir, args.out, args.step, args.dtype,
                      args.max_shard_bytes, args.tokenizer)

@@ -275,9 +275,11 @@ def write_weights(out_dir: pathlib.Path, specs: Sequence[tuple[str, Any]],
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors'
             for k in range(len(shards))])
+  mode = _file_mode()
   for file, shard in zip(names, shards):
     save_file({name: np.ascontiguousarray(read(name)) for name in shard},
               out_dir / file, metadata={'format': 'pt'})
+    (out_dir / file).chmod(mode)  # safetensors creates files as 0600.
   if len(shards) > 1:
     index = {'metadata': {'total_size': sum(nbytes.values())},
              'weight_map': {name: file for file, shard in zip(names, shards)
@@ -285,6 +287,13 @@ def write_weights(out_dir: pathlib.Path, specs: Sequence[tuple[str, Any]],
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + '\n')
     names.append(INDEX_FILE)
   return names
+
+
+def _file_mode() -> int:
+  """The mode ``open()`` gives a new file under the current umask."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
 
 
 class HFWeights:
@@ -341,11 +350,13 @@ def tokenizer_files(model_proto: bytes, max_length: int
                    pad=sp.pad_id() if sp.pad_id() >= 0 else None)
   special = {'bos_token': piece(sp.bos_id()), 'eos_token': piece(sp.eos_id()),
              'unk_token': piece(sp.unk_id()), 'pad_token': piece(sp.pad_id())}
-  special = {k: v for k, v in special.items() if v is not None}
+  # A missing token is written as null: left out, LlamaTokenizer would add
+  # its default ('<s>') to the vocabulary.
   config = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': False,
             'add_eos_token': False, 'legacy': True, 'sp_model_kwargs': {},
             'model_max_length': max_length,
             'clean_up_tokenization_spaces': False, **special}
+  special = {k: v for k, v in special.items() if v is not None}
   dump = lambda x: (json.dumps(x, indent=2) + '\n').encode()
   return ({'tokenizer.model': model_proto,
            'tokenizer_config.json': dump(config),

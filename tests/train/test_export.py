@@ -260,7 +260,7 @@ def test_cli_writes_the_tokenizer_and_its_special_ids(run, tmp_path, capsys):
   assert tok['tokenizer_class'] == 'LlamaTokenizer'
   assert (tok['eos_token'], tok['pad_token'], tok['unk_token']) == (
       '</s>', '<pad>', '<unk>')
-  assert tok['add_bos_token'] is False and 'bos_token' not in tok
+  assert tok['add_bos_token'] is False and tok['bos_token'] is None
   cfg = json.loads((out / 'config.json').read_text())
   assert (cfg['bos_token_id'], cfg['eos_token_id'], cfg['pad_token_id']) == (
       None, 1, 0)
