@@ -60,7 +60,7 @@ INDEX_FILE = 'model.safetensors.index.json'
 # Weights that old Hugging Face LLaMA checkpoints carry but that hold no
 # parameters (the rotary frequencies, recomputed from rope_theta).
 _IGNORED = re.compile(r'model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq')
-_FLOAT_DTYPES = ('float16', 'bfloat16', 'float32', 'float64')
+_FLOAT_DTYPES = ('F16', 'BF16', 'F32', 'F64')  # safetensors' names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,9 +323,11 @@ class HFWeights:
       raise HFFormatError(f'{path} is not a readable safetensors file '
                           f'({type(e).__name__}: {e}).') from None
 
-  def shape(self, name: str) -> tuple[int, ...]:
+  def header(self, name: str) -> tuple[tuple[int, ...], str]:
+    """``(shape, dtype)`` of a tensor, without reading it (dtype as ``F32``)."""
     with self._open(self.files[name]) as f:
-      return tuple(f.get_slice(name).get_shape())
+      view = f.get_slice(name)
+      return tuple(view.get_shape()), view.get_dtype()
 
   def read(self, name: str) -> np.ndarray:
     with self._open(self.files[name]) as f:
@@ -407,9 +409,12 @@ def open_hf(directory: str | os.PathLike, config: ModelConfig
     want = hf_shape(t, shapes[t.path])
     if t.hf_name not in weights.files:
       problems.append(f'{name}: missing')
-    elif weights.shape(t.hf_name) != want:
-      problems.append(f'{name}: shape {list(weights.shape(t.hf_name))}, '
-                      f'expected {list(want)}')
+      continue
+    shape, dtype = weights.header(t.hf_name)
+    if shape != want:
+      problems.append(f'{name}: shape {list(shape)}, expected {list(want)}')
+    if dtype not in _FLOAT_DTYPES:
+      problems.append(f'{name}: dtype {dtype}, not a float')
   problems += [f'{name}: not a parameter of this model'
                for name in weights.files
                if name not in table and not _IGNORED.fullmatch(name)]
@@ -422,9 +427,6 @@ def open_hf(directory: str | os.PathLike, config: ModelConfig
   def read(path: str) -> np.ndarray:
     t = by_path[path]
     array = weights.read(t.hf_name)
-    if array.dtype.name not in _FLOAT_DTYPES:
-      raise HFFormatError(f'{where}: {t.hf_name} has dtype {array.dtype}, '
-                          f'not a floating type.')
     return array.T if t.transposed else array
 
   return read

@@ -184,6 +184,7 @@ def test_import_names_a_tensor_of_the_wrong_shape_or_missing(exported,
   changed = _copy_with(directory, tmp_path, tensors={
       gate: np.zeros((32, 80), np.float32),
       'model.layers.0.self_attn.k_proj.weight': None,
+      'model.norm.weight': np.ones(32, np.int32),
       'model.extra.weight': np.zeros((2,), np.float32)})
   with pytest.raises(hf_llama.HFFormatError) as e:
     hf_llama.open_hf(changed, config)
@@ -191,6 +192,7 @@ def test_import_names_a_tensor_of_the_wrong_shape_or_missing(exported,
   assert f'{gate}: shape [32, 80], expected [80, 32]' in text
   assert 'model.layers.0.self_attn.k_proj.weight: missing' in text
   assert 'model.extra.weight: not a parameter of this model' in text
+  assert 'model.norm.weight: dtype I32, not a float' in text
 
 
 def test_import_of_a_directory_without_a_model(tmp_path):
