@@ -40,7 +40,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ml_dtypes  # pylint: disable=unused-import  (registers bfloat16 with NumPy)
 import numpy as np
