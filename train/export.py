@@ -175,8 +175,9 @@ def run_tokenizer(config: Config, override: Optional[str]) -> bytes:
     tokenizer_lib.load(path, config.model.vocab_size)
   except (data_lib.TokenizerError, data_lib.UnknownDatasetError,
           data_lib.DatasetNotPreparedError, OSError) as e:
-    raise ExportError(f'the run\'s tokenizer: {e} Pass --tokenizer '
-                      f'PATH.model.') from None
+    where, hint = (('--tokenizer', '') if override else
+                   ("the run's tokenizer", ' Pass --tokenizer PATH.model.'))
+    raise ExportError(f'{where}: {e}{hint}') from None
   return pathlib.Path(path).read_bytes()
 
 

@@ -70,7 +70,10 @@ def _forward(model: Llama, tokens: jax.Array) -> jax.Array:
 
 
 def logits(model: Llama, tokens: np.ndarray) -> np.ndarray:
-  return np.asarray(_forward(model, jnp.asarray(tokens)))
+  # Full float32 matmuls also on GPUs (whose default may be TF32), so the
+  # comparison with torch on the CPU holds to float32 rounding anywhere.
+  with jax.default_matmul_precision('highest'):
+    return np.asarray(_forward(model, jnp.asarray(tokens)))
 
 
 def tokens(config: ModelConfig, batch: int = 2, length: int = 24,
