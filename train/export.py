@@ -113,16 +113,14 @@ class CheckpointParams:
     except Exception as e:  # orbax raises many types; name the checkpoint.
       raise ExportError(f'checkpoint {step_dir} has no readable parameters '
                         f'({type(e).__name__}: {str(e)[:200]}).') from None
-    layers = params.get('layers', {})
-    if layers and not all(str(k).isdigit() for k in layers):
-      raise ExportError(f'checkpoint {step_dir} stacks its layers on one axis '
-                        f'(model.scan_layers); the export reads checkpoints '
-                        f'with one entry per layer only.')
     from scale_optax import path_str  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     saved = {path_str(p): leaf for p, leaf in
              jax.tree_util.tree_flatten_with_path(params)[0]}
-    expected = hf_llama.param_shapes(config)
+    # model.scan_layers: block params stacked on a leading layer axis.
+    self.stacked = hf_llama.is_stacked(saved)
+    self._cached: tuple[Optional[str], Any] = (None, None)
+    expected = hf_llama.param_shapes(config, stacked=self.stacked)
     problems = [f'{p}: shape {list(saved[p].shape)}, expected {list(s)}'
                 for p, s in expected.items()
                 if p in saved and tuple(saved[p].shape) != s]
@@ -135,7 +133,21 @@ class CheckpointParams:
     self.dtypes = {p: np.dtype(leaf.dtype) for p, leaf in saved.items()}
 
   def read(self, path: str) -> np.ndarray:
-    """The parameter at ``path`` (``layers/0/attn/q_proj/kernel``) on the host."""
+    """The parameter at ``path`` (``layers/0/attn/q_proj/kernel``) on the host.
+
+    In a stacked checkpoint this is a slice of the stacked leaf, which is
+    kept until another leaf is read (read them in
+    ``hf_llama.tensors(n, layer_major=False)`` order to read each once).
+    """
+    if self.stacked and hf_llama.stacked_path(path):
+      leaf, index = hf_llama.stacked_path(path)
+      if self._cached[0] != leaf:
+        self._cached = (None, None)  # Free it before reading the next.
+        self._cached = (leaf, self._restore(leaf))
+      return self._cached[1][index]
+    return self._restore(path)
+
+  def _restore(self, path: str) -> np.ndarray:
     ocp = self._ocp
     item: dict[str, Any] = {}
     args: dict[str, Any] = {}
@@ -187,7 +199,7 @@ def run_tokenizer(config: Config, override: Optional[str]) -> bytes:
 def write_hf_model(out_dir: pathlib.Path, read: Callable[[str], np.ndarray],
                    dtypes: dict[str, np.dtype], config: ModelConfig,
                    tokenizer_proto: Optional[bytes], dtype: Optional[str],
-                   max_shard_bytes: int) -> None:
+                   max_shard_bytes: int, layer_major: bool = True) -> None:
   """Writes a Hugging Face LLaMA directory into the existing ``out_dir``.
 
   Args:
@@ -200,6 +212,9 @@ def write_hf_model(out_dir: pathlib.Path, read: Callable[[str], np.ndarray],
     dtype: the dtype to store (``'bfloat16'``...); None keeps the stored one
       (which must then be one dtype for all).
     max_shard_bytes: the size limit of one safetensors file.
+    layer_major: the order of the blocks' tensors in the files (and of the
+      calls to ``read``): layer by layer, or kind by kind (see
+      :func:`train.hf_llama.tensors`).
   """
   stored = {np.dtype(d).name for d in dtypes.values()}
   if dtype is None:
@@ -210,7 +225,7 @@ def write_hf_model(out_dir: pathlib.Path, read: Callable[[str], np.ndarray],
   if dtype not in DTYPES:
     raise ExportError(f'dtype {dtype!r} cannot be exported (one of {DTYPES}).')
   target = np.dtype(dtype)
-  table = hf_llama.tensors(config.n_layers)
+  table = hf_llama.tensors(config.n_layers, layer_major)
   shapes = hf_llama.param_shapes(config)
   by_name = {t.hf_name: t for t in table}
 
@@ -268,7 +283,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike,
   proto = run_tokenizer(config, tokenizer)
   return write_atomically(pathlib.Path(out), lambda tmp: write_hf_model(
       tmp, params.read, params.dtypes, config.model, proto, dtype,
-      max_shard_bytes))
+      max_shard_bytes, layer_major=not params.stacked))
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -40,7 +40,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import ml_dtypes  # pylint: disable=unused-import  (registers bfloat16 with NumPy)
 import numpy as np
@@ -91,17 +91,45 @@ def layer_tensors(i: int) -> list[Tensor]:
           for sub, name, t in LAYER_TENSORS]
 
 
-def tensors(n_layers: int) -> list[Tensor]:
-  """Every parameter, in Hugging Face's order (embedding, blocks, head)."""
-  out = [Tensor('embed/embedding', 'model.embed_tokens.weight', False)]
-  for i in range(n_layers):
-    out += layer_tensors(i)
-  return out + [Tensor('final_norm/scale', 'model.norm.weight', False),
-                Tensor('lm_head/kernel', 'lm_head.weight', True)]
+def tensors(n_layers: int, layer_major: bool = True) -> list[Tensor]:
+  """Every parameter in file order: embedding, blocks, final norm, head.
+
+  The blocks come layer by layer (Hugging Face's order), or with
+  ``layer_major=False`` kind by kind (every layer's ``q_proj``, then every
+  ``k_proj``...): the order that reads each leaf of a stacked checkpoint once.
+  """
+  blocks = [layer_tensors(i) for i in range(n_layers)]
+  groups = blocks if layer_major else list(zip(*blocks))
+  return ([Tensor('embed/embedding', 'model.embed_tokens.weight', False)]
+          + [t for group in groups for t in group]
+          + [Tensor('final_norm/scale', 'model.norm.weight', False),
+             Tensor('lm_head/kernel', 'lm_head.weight', True)])
 
 
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """This project's parameter shapes by path, from the config alone."""
+_LAYER_PATH = re.compile(r'layers/(\d+)/(.+)')
+
+
+def stacked_path(path: str) -> Optional[tuple[str, int]]:
+  """``layers/3/attn/q_proj/kernel`` -> ``('layers/attn/q_proj/kernel', 3)``:
+  the leaf and index of a block param in the stacked (``model.scan_layers``)
+  layout; None for a param outside the blocks."""
+  match = _LAYER_PATH.fullmatch(path)
+  return (f'layers/{match.group(2)}', int(match.group(1))) if match else None
+
+
+def is_stacked(paths: Iterable[str]) -> bool:
+  """Whether param ``paths`` hold the blocks stacked on a leading axis."""
+  return any(p.startswith('layers/') and not _LAYER_PATH.fullmatch(p)
+             for p in paths)
+
+
+def param_shapes(config: ModelConfig, stacked: bool = False
+                 ) -> dict[str, tuple[int, ...]]:
+  """This project's parameter shapes by path, from the config alone.
+
+  ``stacked``: the blocks' params as ``layers/<name>`` with a leading axis of
+  ``n_layers`` (``model.scan_layers``), instead of ``layers/<i>/<name>``.
+  """
   v, d, f = config.vocab_size, config.d_model, config.d_ff
   layer = {'attn_norm/scale': (d,), 'attn/q_proj/kernel': (d, d),
            'attn/k_proj/kernel': (d, d), 'attn/v_proj/kernel': (d, d),
@@ -110,8 +138,12 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
            'mlp/down_proj/kernel': (f, d)}
   shapes = {'embed/embedding': (v, d), 'final_norm/scale': (d,),
             'lm_head/kernel': (d, v)}
-  for i in range(config.n_layers):
-    shapes.update({f'layers/{i}/{k}': s for k, s in layer.items()})
+  if stacked:
+    shapes.update({f'layers/{k}': (config.n_layers,) + s
+                   for k, s in layer.items()})
+  else:
+    for i in range(config.n_layers):
+      shapes.update({f'layers/{i}/{k}': s for k, s in layer.items()})
   return shapes
 
 
@@ -438,7 +470,8 @@ def load_params(directory: str | os.PathLike, config: ModelConfig,
 
   Each leaf is read, cast to the abstract leaf's dtype and placed with its
   sharding one at a time (every process reads the whole leaf and keeps its
-  shards), so the host never holds more than one leaf.
+  shards), so the host never holds more than one leaf. A stacked block leaf
+  (``model.scan_layers``) is read layer by layer and stacked.
 
   Args:
     directory: the Hugging Face model directory.
@@ -453,8 +486,14 @@ def load_params(directory: str | os.PathLike, config: ModelConfig,
   from scale_optax import path_str  # pylint: disable=g-import-not-at-top
   read = open_hf(directory, config)
 
+  def host(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    if is_stacked([path]):  # model.scan_layers: layer i at index i.
+      sub = path[len('layers/'):]
+      return np.stack([read(f'layers/{i}/{sub}') for i in range(shape[0])])
+    return read(path)
+
   def place(path, abstract):
-    array = np.asarray(read(path_str(path)), abstract.dtype)
+    array = np.asarray(host(path_str(path), abstract.shape), abstract.dtype)
     return jax.make_array_from_callback(abstract.shape, abstract.sharding,
                                         lambda index: array[index])
 

@@ -203,7 +203,33 @@ def test_import_of_a_directory_without_a_model(tmp_path):
 # ------------------------------------------- python -m train.export CLI --
 
 
-def _save_run(root: pathlib.Path, model_config, steps, tokenizer: bytes):
+def _stack(params):
+  """``layers/<i>/<name>`` entries stacked as ``layers/<name>`` [L, ...]."""
+  out, layers = {}, {}
+  for path, value in params.items():
+    parts = hf_llama.stacked_path(path)
+    if parts:
+      layers.setdefault(parts[0], {})[parts[1]] = value
+    else:
+      out[path] = value
+  out.update({leaf: np.stack([by_index[i] for i in range(len(by_index))])
+              for leaf, by_index in layers.items()})
+  return out
+
+
+def _nest(flat):
+  tree = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split('/')
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree
+
+
+def _save_run(root: pathlib.Path, model_config, steps, tokenizer: bytes,
+              stacked=False):
   root.mkdir(exist_ok=True)
   (root / 'tok.model').write_bytes(tokenizer)
   config = dataclasses.replace(
@@ -216,8 +242,7 @@ def _save_run(root: pathlib.Path, model_config, steps, tokenizer: bytes):
   saved = {}
   for step in steps:
     params = eu.random_params(model_config, seed=step)
-    model = eu.model_with(model_config, params)
-    state = {'params': nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+    state = {'params': _nest(_stack(params) if stacked else params),
              'opt_state': {'mu': np.zeros(3, np.float32)},
              'step': np.int32(step), 'rng': np.zeros(2, np.uint32)}
     checkpointer.save(step, state,
@@ -356,3 +381,44 @@ def test_checkpoint_of_another_model_is_refused(run, tmp_path, capsys):
   assert code == 1 and 'does not hold the model of its config.yaml' in err
   assert 'layers/0/mlp/gate_proj/kernel: shape [32, 80], expected [32, 96]' \
       in err
+
+
+def test_stacked_checkpoint_exports_the_same_files(run, tmp_path, capsys,
+                                                   monkeypatch):
+  # model.scan_layers saves each block param once, [n_layers, ...].
+  root, _ = run
+  stacked = tmp_path / 'stacked'
+  _save_run(stacked, eu.tiny_config(), (2,), eu.tiny_tokenizer(),
+            stacked=True)
+  restored = []
+  original = export.CheckpointParams._restore  # pylint: disable=protected-access
+  monkeypatch.setattr(export.CheckpointParams, '_restore',
+                      lambda self, path: restored.append(path) or
+                      original(self, path))
+  for source, out in ((root, tmp_path / 'a'), (stacked, tmp_path / 'b')):
+    restored.clear()
+    assert _main(capsys, '--run-dir', source, '--out', out,
+                 '--max-shard-size', '40KB') == (0, '')
+    assert len(restored) == len(set(restored))  # Each leaf read once.
+  assert len(restored) == 3 + len(hf_llama.LAYER_TENSORS)
+  unrolled, scanned = _hf_tensors(tmp_path / 'a'), _hf_tensors(tmp_path / 'b')
+  assert unrolled.keys() == scanned.keys()
+  for name, value in unrolled.items():
+    np.testing.assert_array_equal(scanned[name], value, err_msg=name)
+  index = json.loads((tmp_path / 'b' / hf_llama.INDEX_FILE).read_text())
+  assert index['weight_map'].keys() == unrolled.keys()
+
+
+def test_import_into_stacked_params(exported):
+  directory, config = exported
+  expected = _stack(eu.random_params(config))  # What `exported` holds.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = _nest({p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
+                    for p, a in expected.items()})
+  loaded = hf_llama.load_params(directory, config, abstract)
+  flat = {path_str(p): np.asarray(x) for p, x in
+          jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  assert flat.keys() == expected.keys()
+  assert flat['layers/attn/q_proj/kernel'].shape == (config.n_layers, 32, 32)
+  for path, value in expected.items():
+    np.testing.assert_array_equal(flat[path], value, err_msg=path)
