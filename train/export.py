@@ -35,7 +35,6 @@ import uuid
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import yaml
 
 from train import hf_llama
 from train.config import ConfigError, Config, ModelConfig, load_config
@@ -56,14 +55,6 @@ def run_config(run_dir: pathlib.Path) -> Config:
   if not path.is_file():
     raise ExportError(f'{run_dir} is not a run directory: it has no '
                       f'config.yaml.')
-  try:
-    raw = yaml.safe_load(path.read_text()) or {}
-  except yaml.YAMLError as e:
-    raise ExportError(f'{path} does not parse: {" ".join(str(e).split())}'
-                      ) from None
-  if (raw.get('model') or {}).get('scan_layers'):
-    raise ExportError(f'{path}: model.scan_layers is true; the export reads '
-                      f'checkpoints with one entry per layer only.')
   try:
     return load_config(path)
   except ConfigError as e:
@@ -119,6 +110,11 @@ class CheckpointParams:
              jax.tree_util.tree_flatten_with_path(params)[0]}
     # model.scan_layers: block params stacked on a leading layer axis.
     self.stacked = hf_llama.is_stacked(saved)
+    if self.stacked != config.scan_layers:
+      raise ExportError(f'checkpoint {step_dir} holds '
+                        f'{"stacked" if self.stacked else "unrolled"} layers, '
+                        f'its config.yaml has model.scan_layers='
+                        f'{str(config.scan_layers).lower()}.')
     self._cached: tuple[Optional[str], Any] = (None, None)
     expected = hf_llama.param_shapes(config, stacked=self.stacked)
     problems = [f'{p}: shape {list(saved[p].shape)}, expected {list(s)}'

@@ -241,7 +241,8 @@ def _save_run(root: pathlib.Path, model_config, steps, tokenizer: bytes,
   checkpointer = Checkpointer(root / 'checkpoints', keep=5, async_save=False)
   saved = {}
   for step in steps:
-    params = eu.random_params(model_config, seed=step)
+    params = eu.random_params(
+        dataclasses.replace(model_config, scan_layers=False), seed=step)
     state = {'params': _nest(_stack(params) if stacked else params),
              'opt_state': {'mu': np.zeros(3, np.float32)},
              'step': np.int32(step), 'rng': np.zeros(2, np.uint32)}
@@ -347,15 +348,18 @@ def test_a_failure_while_writing_leaves_nothing(run, tmp_path, monkeypatch):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_refuses_a_scanned_or_corrupt_checkpoint(run, tmp_path, capsys):
+def test_cli_refuses_a_layout_other_than_the_config_or_corrupt(
+    run, tmp_path, capsys):
   root, _ = run
   scanned = tmp_path / 'scanned'
   scanned.mkdir()
   raw = yaml.safe_load((root / 'config.yaml').read_text())
   raw['model']['scan_layers'] = True
   (scanned / 'config.yaml').write_text(yaml.safe_dump(raw))
+  (scanned / 'checkpoints').symlink_to(root / 'checkpoints')
   code, err = _main(capsys, '--run-dir', scanned, '--out', tmp_path / 'a')
-  assert code == 1 and 'model.scan_layers' in err
+  assert code == 1 and ('holds unrolled layers, its config.yaml has '
+                        'model.scan_layers=true') in err
 
   corrupt = tmp_path / 'corrupt'
   _save_run(corrupt, eu.tiny_config(), (3,), eu.tiny_tokenizer())
@@ -388,8 +392,8 @@ def test_stacked_checkpoint_exports_the_same_files(run, tmp_path, capsys,
   # model.scan_layers saves each block param once, [n_layers, ...].
   root, _ = run
   stacked = tmp_path / 'stacked'
-  _save_run(stacked, eu.tiny_config(), (2,), eu.tiny_tokenizer(),
-            stacked=True)
+  _save_run(stacked, eu.tiny_config(scan_layers=True), (2,),
+            eu.tiny_tokenizer(), stacked=True)
   restored = []
   original = export.CheckpointParams._restore  # pylint: disable=protected-access
   monkeypatch.setattr(export.CheckpointParams, '_restore',
@@ -409,16 +413,21 @@ def test_stacked_checkpoint_exports_the_same_files(run, tmp_path, capsys,
   assert index['weight_map'].keys() == unrolled.keys()
 
 
-def test_import_into_stacked_params(exported):
+def test_scanned_model_imports_and_exports_the_same_weights(exported,
+                                                            tmp_path):
   directory, config = exported
+  scanned = eu.tiny_config(scan_layers=True)
   expected = _stack(eu.random_params(config))  # What `exported` holds.
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = _nest({p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device)
-                    for p, a in expected.items()})
-  loaded = hf_llama.load_params(directory, config, abstract)
+  loaded = hf_llama.load_params(directory, scanned,
+                                eu.abstract_params(scanned))
   flat = {path_str(p): np.asarray(x) for p, x in
           jax.tree_util.tree_flatten_with_path(loaded)[0]}
   assert flat.keys() == expected.keys()
   assert flat['layers/attn/q_proj/kernel'].shape == (config.n_layers, 32, 32)
   for path, value in expected.items():
     np.testing.assert_array_equal(flat[path], value, err_msg=path)
+  tokens = eu.tokens(config)
+  np.testing.assert_allclose(
+      eu.logits(eu.model_with(scanned, flat), tokens),
+      eu.logits(eu.model_with(config, eu.random_params(config)), tokens),
+      rtol=1e-5, atol=1e-5)
