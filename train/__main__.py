@@ -42,10 +42,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def _run_errors() -> tuple[type[Exception], ...]:
   from train import data  # pylint: disable=g-import-not-at-top
   from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from train.hf_llama import HFFormatError  # pylint: disable=g-import-not-at-top
   from train.loop import TrainingError  # pylint: disable=g-import-not-at-top
   # OSError: a missing tokenizer file, an unwritable data_dir or run_dir, a
   # full disk; the message names the file.
-  return (CheckpointError, TrainingError, data.UnknownDatasetError,
+  return (CheckpointError, TrainingError, HFFormatError,
+          data.UnknownDatasetError,
           data.DatasetNotPreparedError, data.TokenizerError,
           data.SplitTooSmallError, OSError)
 

@@ -155,6 +155,10 @@ class TrainConfig:
   # Peak FLOP/s per device in TFLOP/s for the MFU figure (None: the known
   # chips' table in train/perf.py; unknown chips report no MFU).
   peak_tflops: Optional[float] = None
+  # A Hugging Face LLaMA directory (e.g. from ``python -m train.export``)
+  # whose weights start the run instead of a random init; it must match
+  # ``model`` exactly. Ignored when the run resumes from a checkpoint.
+  init_from: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from train import data as data_lib
+from train import hf_llama
 from train import mesh as mesh_lib
 from train import perf
 from train.checkpoint import Checkpointer, set_aside
@@ -320,7 +321,12 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
     start = int(restored['step'])
     say(f'resumed from step {start} ({checkpointer.directory})')
   else:
-    params = setup.init_params(config.train.seed)
+    if config.train.init_from:  # Checked against the model before reading.
+      params = hf_llama.load_params(config.train.init_from, config.model,
+                                    setup.abstract_params)
+      say(f'initialized from the Hugging Face model {config.train.init_from}')
+    else:
+      params = setup.init_params(config.train.seed)
     opt_state = setup.init_opt_state(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(config.train.seed)),
                          setup.replicated)
