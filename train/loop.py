@@ -168,7 +168,7 @@ class _Throughput:
 
 
 def expected_duration(config: Config, step: int, step_s: float,
-                      elapsed_s: float) -> str:
+                      elapsed_s: float, eval_batches: int) -> str:
   """The line announcing the run's expected wall time after ``step``.
 
   The remaining evaluations are estimated at a third of a train step per
@@ -178,7 +178,7 @@ def expected_duration(config: Config, step: int, step_s: float,
   remaining = t.steps - step
   evals = len([s for s in range(step + 1, t.steps + 1)
                if s % t.eval_every == 0 or s == t.steps])
-  left = remaining * step_s + evals * t.eval_batches * step_s / 3
+  left = remaining * step_s + evals * eval_batches * step_s / 3
   minutes = lambda s: f'{s / 60:.1f} min'
   return (f'expected duration: about {minutes(elapsed_s + left)} in all, '
           f'{minutes(left)} from now ({step_s * 1e3:.0f} ms per step '
@@ -201,11 +201,12 @@ class _StepMonitor:
   def __init__(self, config: Config, schedule: Any, writer: MetricsWriter,
                progress: Any, clock: _Throughput,
                save: Callable[[int], None], tell: Callable[[str], None],
-               t_start: float):
+               t_start: float, eval_batches: int):
     self.config, self.schedule, self.writer = config, schedule, writer
     self.progress, self.clock, self.save, self.tell = (progress, clock, save,
                                                        tell)
     self.t_start = t_start
+    self.eval_batches = eval_batches
     self.tokens_per_step = config.data.batch_size * config.data.seq_len
     self.pending: Optional[tuple[int, dict[str, jax.Array]]] = None
     self.skips_in_a_row = 0
@@ -246,7 +247,8 @@ class _StepMonitor:
     if not self.announced and self.clock.timed_steps >= 5:
       self.announced = True
       self.tell(expected_duration(self.config, step, self.clock.step_s,
-                                  time.time() - self.t_start))
+                                  time.time() - self.t_start,
+                                  self.eval_batches))
     if self.skips_in_a_row >= t.max_consecutive_skips:
       # Skipped steps left params and optimizer state unchanged: this
       # saves the last good state (a resume goes on after these batches).
@@ -357,7 +359,7 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
   progress = _progress(config, start, enabled=is_main and config.train.progress)
   tell = progress.write if is_main else (lambda *a, **k: None)  # Above the bar.
   monitor = _StepMonitor(config, schedule, writer, progress, clock, save, tell,
-                         t_start)
+                         t_start, len(eval_batches))
   try:
     with jax.set_mesh(mesh):
       for step in range(start + 1, config.train.steps + 1):

@@ -4,6 +4,8 @@ GPU machine can load (no grain, no TensorFlow Datasets)."""
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import accelerator
 
 BLOCKED = ('grain', 'tensorflow_datasets', 'tensorflow', 'sentencepiece')
@@ -19,6 +21,7 @@ def test_imports_without_data_packages():
   assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_the_table(tmp_path, capsys):
   out = tmp_path / 'gpu.md'
   assert accelerator.main(['--smoke', '--optimizers', 'scale', '--steps', '2',

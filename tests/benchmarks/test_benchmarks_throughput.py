@@ -1,11 +1,14 @@
 """Smoke test of benchmarks.throughput on a tiny model."""
 
+import pytest
+
 from benchmarks import throughput
 
 MICRO = ['model.vocab_size=256', 'model.d_model=32', 'model.n_layers=1',
          'model.n_heads=2', 'model.d_ff=64']
 
 
+@pytest.mark.slow
 def test_main_runs_on_tiny_shapes(capsys):
   argv = ['--configs', 'tiny', '--optimizers', 'scale,sgd',
           '--repeats', '2', '--min-repeats', '1', '--batch-size', '2',

@@ -40,7 +40,7 @@ def process_batches(config: Config, dataset: Any, steps: int,
                               process_index=p, process_count=processes)
            for p in range(processes)]
   train = [[next(it) for it in iters] for _ in range(steps)]
-  evals = [dataset.eval_batches(batch, seq, config.train.eval_batches,
+  evals = [dataset.eval_batches(batch, seq, config.train.eval_tokens,
                                 process_index=p, process_count=processes)
            for p in range(processes)]
   return train, [list(parts) for parts in zip(*evals)]

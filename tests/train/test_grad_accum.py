@@ -101,6 +101,7 @@ def test_bad_grad_accum_steps_are_config_errors(overrides, message):
     load_config('configs/tiny.yaml', [*SMALL, *overrides])
 
 
+@pytest.mark.slow
 def test_dry_run_reports_the_smaller_temporaries_of_micro_batches():
   """Activations of a quarter of the batch at a time: well under the k=1
   step's temporaries (which a 64-row batch of this model dominates)."""

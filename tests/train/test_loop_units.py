@@ -29,9 +29,9 @@ def test_read_ahead_reports_the_position_after_the_last_batch_taken():
 
 def test_expected_duration_counts_the_remaining_steps_and_evaluations():
   config = load_config('configs/tiny.yaml', ['train.steps=300',
-                                             'train.eval_every=75',
-                                             'train.eval_batches=15'])
-  line = expected_duration(config, step=6, step_s=1.0, elapsed_s=30.0)
+                                             'train.eval_every=75'])
+  line = expected_duration(config, step=6, step_s=1.0, elapsed_s=30.0,
+                           eval_batches=15)
   # 294 steps + 4 evaluations of 15 batches at a third of a step: 314 s.
   assert line.startswith('expected duration: about 5.7 min in all, 5.2 min '
                          'from now (1000 ms per step measured, 294 steps and '

@@ -259,6 +259,7 @@ def test_adam_reduces_loss():
   assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
   base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64,
               max_seq_len=16)

@@ -224,6 +224,7 @@ def test_each_process_reads_its_own_part_of_every_batch(two_process_run):
   ru.assert_run_matches_replay(straight, config, dataset, processes=2)
 
 
+@pytest.mark.slow
 def test_two_processes_resume_on_another_mesh(two_process_run, tmp_path,
                                               tmp_path_factory):
   straight, data_dir, _ = two_process_run

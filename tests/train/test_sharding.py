@@ -312,8 +312,10 @@ def test_fsdp8_matches_one_device(fsdp8_run, one_device_run):
   _assert_same_losses(fsdp8_run, one_device_run)
 
 
-@pytest.mark.parametrize('mesh', [(8, 1, 1), (2, 4, 1), (2, 2, 2)],
-                         ids=['8x1x1', '2x4x1', '2x2x2'])
+@pytest.mark.parametrize('mesh', [
+    pytest.param((8, 1, 1), id='8x1x1', marks=pytest.mark.slow),
+    pytest.param((2, 4, 1), id='2x4x1', marks=pytest.mark.slow),
+    pytest.param((2, 2, 2), id='2x2x2')])
 def test_mesh_matches_one_device(mesh, tmp_path, one_device_run, data_dir,
                                  cache_dir):
   run_dir = _train(tmp_path, 'run', mesh, 8, data_dir, cache_dir,

@@ -58,6 +58,7 @@ def mtimes(root):
   return {p: p.stat().st_mtime_ns for p in root.rglob('summary.json')}
 
 
+@pytest.mark.slow
 def test_two_run_grid_runs_resumes_and_reports(data_dir, tmp_path):
   study = study_lib.parse_study(study_values(data_dir, tmp_path))
   out = study_lib.run_study(study, say=quiet)
