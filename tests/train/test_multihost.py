@@ -248,6 +248,7 @@ def test_two_processes_resume_on_another_mesh(two_process_run, tmp_path,
                              rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(
     tmp_path_factory, tmp_path):
   cache_dir = du.compile_cache_dir(tmp_path_factory)

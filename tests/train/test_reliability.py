@@ -73,6 +73,7 @@ def _assert_same_run(run, reference):
   assert json.loads(data(run)) == json.loads(data(reference))
 
 
+@pytest.mark.slow
 def test_killed_signalled_and_corrupted_run_ends_bitwise_equal(
     tmp_path, dirs, reference, rng):
   """SIGKILL at a random step, SIGKILL during an async save (the save made
@@ -209,6 +210,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_last_good_state(
   assert all(np.isfinite(a).all() for a in stopped.values())
 
 
+@pytest.mark.slow
 def test_no_resume_sets_the_old_checkpoints_aside(tmp_path, dirs, reference):
   """--no-resume starts over without mixing the old run's checkpoints into
   the new one's (a later resume must not pick the old step 40), and without

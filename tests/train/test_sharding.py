@@ -312,10 +312,9 @@ def test_fsdp8_matches_one_device(fsdp8_run, one_device_run):
   _assert_same_losses(fsdp8_run, one_device_run)
 
 
-@pytest.mark.parametrize('mesh', [
-    pytest.param((8, 1, 1), id='8x1x1', marks=pytest.mark.slow),
-    pytest.param((2, 4, 1), id='2x4x1', marks=pytest.mark.slow),
-    pytest.param((2, 2, 2), id='2x2x2')])
+@pytest.mark.slow
+@pytest.mark.parametrize('mesh', [(8, 1, 1), (2, 4, 1), (2, 2, 2)],
+                         ids=['8x1x1', '2x4x1', '2x2x2'])
 def test_mesh_matches_one_device(mesh, tmp_path, one_device_run, data_dir,
                                  cache_dir):
   run_dir = _train(tmp_path, 'run', mesh, 8, data_dir, cache_dir,
@@ -323,8 +322,9 @@ def test_mesh_matches_one_device(mesh, tmp_path, one_device_run, data_dir,
   _assert_same_losses(run_dir, one_device_run)
 
 
-@pytest.mark.parametrize('mesh,devices', [((2, 2, 2), 8), ((1, 1, 1), 1)],
-                         ids=['2x2x2', 'one_device'])
+@pytest.mark.parametrize('mesh,devices', [
+    pytest.param((2, 2, 2), 8, id='2x2x2', marks=pytest.mark.slow),
+    pytest.param((1, 1, 1), 1, id='one_device')])
 def test_restore_fsdp8_checkpoint_on_another_mesh(mesh, devices, tmp_path,
                                                   fsdp8_run, data_dir,
                                                   cache_dir):

@@ -258,6 +258,7 @@ def _train_records(data_dir, run_dir, every):
   return summary, [json.loads(l) for l in lines]
 
 
+@pytest.mark.slow
 def test_diagnostics_log_records_and_leave_training_unchanged(data_dir,
                                                               tmp_path):
   s_off, off = _train_records(data_dir, tmp_path / 'off', 0)

@@ -70,9 +70,10 @@ def test_every_optimizer_has_a_learning_rate():
   assert set(LEARNING_RATES) == set(OPTIMIZERS)
 
 
-# Four optimizers in the default suite (SCALE, its momentum-free form and the
-# two Optax baselines); the others are the same loop with another tx.
-_DEFAULT_E2E = ('scale', 'sgd_column_norm', 'adamw', 'muon')
+# SCALE and AdamW in the default suite; the others are the same loop with
+# another tx (every optimizer's routing and first update are pinned in
+# test_pinned.py).
+_DEFAULT_E2E = ('scale', 'adamw')
 
 
 @pytest.mark.parametrize('name', [
@@ -161,6 +162,7 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_unpacked_documents_resume_exactly_and_eval_counts_loss_tokens(
     data_dir, tmp_path):
   """data.packing=false (pads weighted 0) through the loop, killed and resumed."""
