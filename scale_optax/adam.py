@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -18,7 +17,7 @@ import optax
 
 class ScaleByAuthorsAdamState(NamedTuple):
   """Step count and the (uncorrected) first and second moments."""
-  count: chex.Array  # int32 scalar
+  count: jax.Array  # int32 scalar
   mu: optax.Updates
   nu: optax.Updates
 
