@@ -43,7 +43,7 @@ from train.step import make_train_step
 TARGET = 0.97
 SMALL = ('model.d_model=128', 'model.n_layers=2', 'model.n_heads=4',
          'model.d_ff=352', 'data.batch_size=4', 'data.seq_len=64',
-         'train.eval_batches=1', 'train.progress=false', 'train.log_every=10')
+         'train.eval_tokens=256', 'train.progress=false', 'train.log_every=10')
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
