@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 from typing import Optional, Sequence
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-
-
-def resolve_config_path(name: str) -> pathlib.Path:
-  """Accepts a path, or a bare name from the project's configs/ folder."""
-  path = pathlib.Path(name)
-  if path.exists() or path.suffix in ('.yaml', '.yml'):
-    return path
-  return CONFIG_DIR / f'{name}.yaml'
+from .config import resolve_config_path
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -40,10 +31,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _run_errors() -> tuple[type[Exception], ...]:
-  from train import data  # pylint: disable=g-import-not-at-top
-  from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from train.hf_llama import HFFormatError  # pylint: disable=g-import-not-at-top
-  from train.loop import TrainingError  # pylint: disable=g-import-not-at-top
+  from . import data  # pylint: disable=g-import-not-at-top
+  from .checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from .hf_llama import HFFormatError  # pylint: disable=g-import-not-at-top
+  from .loop import TrainingError  # pylint: disable=g-import-not-at-top
   # OSError: a missing tokenizer file, an unwritable data_dir or run_dir, a
   # full disk; the message names the file.
   return (CheckpointError, TrainingError, HFFormatError,
@@ -55,16 +46,16 @@ def _run_errors() -> tuple[type[Exception], ...]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   run_errors = _run_errors()
-  from train.config import ConfigError, load_config  # pylint: disable=g-import-not-at-top
+  from .config import ConfigError, load_config  # pylint: disable=g-import-not-at-top
   try:
     config = load_config(resolve_config_path(args.config), args.overrides)
     if args.dry_run:
-      from train.dry_run import dry_run, format_report  # pylint: disable=g-import-not-at-top
-      from train.recipe import describe  # pylint: disable=g-import-not-at-top
+      from .dry_run import dry_run, format_report  # pylint: disable=g-import-not-at-top
+      from .recipe import describe  # pylint: disable=g-import-not-at-top
       print(describe(config, resolve_config_path(args.config)))
       print(format_report(config, dry_run(config)))
     else:
-      from train.loop import train  # pylint: disable=g-import-not-at-top
+      from .loop import train  # pylint: disable=g-import-not-at-top
       train(config, resume=args.resume)
   except ConfigError as e:
     print(f'config error: {e}', file=sys.stderr)

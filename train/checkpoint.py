@@ -317,7 +317,7 @@ class Checkpointer:
         warn(f'moved the corrupt checkpoint of step {step} to {dest}.')
     # Every process found the same steps corrupt (the same files, verified
     # the same way), so every process is here.
-    from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    from . import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
     mesh_lib.sync_processes('checkpoint_move_corrupt')
     self.manager.reload()
 

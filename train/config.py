@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from train import rivals_config
+from . import rivals_config
 
 
 class ConfigError(ValueError):
@@ -274,6 +274,24 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
   where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''
   context = getattr(e, 'context', None)
   return f'{problem}{where}' + (f' ({context})' if context else '')
+
+
+def _config_dir() -> pathlib.Path:
+  """An installed package carries its configs inside; a checkout at its root."""
+  package = pathlib.Path(__file__).resolve().parent
+  inside = package / 'configs'
+  return inside if inside.is_dir() else package.parent / 'configs'
+
+
+CONFIG_DIR = _config_dir()
+
+
+def resolve_config_path(name: str) -> pathlib.Path:
+  """Accepts a path, or a bare name from the project's configs/ folder."""
+  path = pathlib.Path(name)
+  if path.exists() or path.suffix in ('.yaml', '.yml'):
+    return path
+  return CONFIG_DIR / f'{name}.yaml'
 
 
 def read_yaml_file(path: str | pathlib.Path, what: str,

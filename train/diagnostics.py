@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 
 import scale_optax
-from train.model import layer_axes, loss_fn
-from train.state import Params, TrainSetup
+from .model import layer_axes, loss_fn
+from .state import Params, TrainSetup
 
 Batch = dict[str, jax.Array]
 

@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import mesh as mesh_lib
-from train.config import Config
-from train.optim import make_optimizer
-from train.state import make_setup
-from train.step import make_train_step
+from . import mesh as mesh_lib
+from .config import Config
+from .optim import make_optimizer
+from .state import make_setup
+from .step import make_train_step
 
 GiB = 1024 ** 3
 

@@ -36,8 +36,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from train import hf_llama
-from train.config import ConfigError, Config, ModelConfig, load_config
+from . import hf_llama
+from .config import ConfigError, Config, ModelConfig, load_config
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -82,7 +82,7 @@ def step_directory(run_dir: pathlib.Path, step: Optional[int]) -> pathlib.Path:
     raise ExportError(f'run directory {run_dir} has no checkpoint at step '
                       f'{step} (it has {", ".join(map(str, steps))}).')
   directory = run_dir / 'checkpoints' / str(step)
-  from train.checkpoint import verify_manifest  # pylint: disable=g-import-not-at-top
+  from .checkpoint import verify_manifest  # pylint: disable=g-import-not-at-top
   problems = verify_manifest(directory)
   if problems:
     raise ExportError(f'checkpoint {directory} is corrupt: '
@@ -172,8 +172,8 @@ def run_tokenizer(config: Config, override: Optional[str]) -> bytes:
   the trainer cached for the embedded data set under ``data.data_dir``.
   Relative paths of the run's config are taken from the current directory.
   """
-  from train import data as data_lib  # pylint: disable=g-import-not-at-top
-  from train.data import tfds_source, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from . import data as data_lib  # pylint: disable=g-import-not-at-top
+  from .data import tfds_source, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = override or config.data.tokenizer
   try:
     if path is None:

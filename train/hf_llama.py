@@ -47,7 +47,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from train.config import ModelConfig
+from .config import ModelConfig
 
 
 class HFFormatError(RuntimeError):

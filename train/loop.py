@@ -23,19 +23,19 @@ from jax.experimental import multihost_utils
 import numpy as np
 import yaml
 
-from train import data as data_lib
-from train import hf_llama
-from train import mesh as mesh_lib
-from train import perf
-from train.checkpoint import Checkpointer, set_aside
-from train.config import Config, to_dict
-from train.diagnostics import make_gradient_variance
-from train.metrics import MetricsWriter, plot_losses
-from train.model import attention_implementation, param_count
-from train.optim import make_optimizer
-from train.prefetch import DevicePrefetch
-from train.state import TrainSetup, make_setup, memory_report
-from train.step import make_eval_step, make_train_step
+from . import data as data_lib
+from . import hf_llama
+from . import mesh as mesh_lib
+from . import perf
+from .checkpoint import Checkpointer, set_aside
+from .config import Config, to_dict
+from .diagnostics import make_gradient_variance
+from .metrics import MetricsWriter, plot_losses
+from .model import attention_implementation, param_count
+from .optim import make_optimizer
+from .prefetch import DevicePrefetch
+from .state import TrainSetup, make_setup, memory_report
+from .step import make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from train.config import Config, ConfigError, DistributedConfig, MeshConfig
+from .config import Config, ConfigError, DistributedConfig, MeshConfig
 
 log = logging.getLogger(__name__)
 

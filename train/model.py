@@ -94,7 +94,7 @@ import optax
 from flax import nnx
 from flax.core import spmd as core_spmd
 
-from train.config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig
 
 # Logical axis names used in the annotations.
 VOCAB, EMBED, HEADS, MLP_AXIS, NORM = 'vocab', 'embed', 'heads', 'mlp', 'norm'

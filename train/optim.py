@@ -32,9 +32,9 @@ import optax
 
 import scale_optax
 from scale_optax import contrib
-from train.config import ConfigError, OptimizerConfig
-from train.model import layer_axes
-from train.rivals_config import RivalsConfig
+from .config import ConfigError, OptimizerConfig
+from .model import layer_axes
+from .rivals_config import RivalsConfig
 
 Builder = Callable[[OptimizerConfig, optax.Schedule, optax.Schedule],
                    optax.GradientTransformation]

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from train.config import ModelConfig
+from .config import ModelConfig
 
 # Dense (no sparsity) bf16 peak per device, TFLOP/s, from the vendors' data
 # sheets; float16 runs at the same rate on all of them. First match wins, so

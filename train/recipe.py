@@ -13,7 +13,7 @@ import pathlib
 import sys
 from typing import Any, Optional, Sequence
 
-from train.config import Config, load_config
+from .config import Config, load_config
 
 SIZES = ('60m', '130m', '350m', '1b', '7b')
 
@@ -77,7 +77,7 @@ AUTHORS: dict[str, dict[str, Any]] = {
 
 def config_path(size: str) -> str:
   """``configs/llama_<size>.yaml``."""
-  from train.__main__ import resolve_config_path  # pylint: disable=g-import-not-at-top
+  from .__main__ import resolve_config_path  # pylint: disable=g-import-not-at-top
   return str(resolve_config_path(f'llama_{size}'))
 
 

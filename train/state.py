@@ -20,9 +20,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import scale_optax
-from train import mesh as mesh_lib
-from train.config import Config
-from train.model import Llama
+from . import mesh as mesh_lib
+from .config import Config
+from .model import Llama
 
 Params = dict[str, Any]
 

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train import mesh as mesh_lib
-from train.model import loss_fn
-from train.state import Params, TrainSetup
+from . import mesh as mesh_lib
+from .model import loss_fn
+from .state import Params, TrainSetup
 
 Batch = dict[str, jax.Array]
 

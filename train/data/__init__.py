@@ -15,12 +15,12 @@ Stages, one module each: ``corpus`` (the embedded text), ``tfds_source``
 (prepare and the iterators), ``baseline`` (unigram perplexity), ``errors``.
 """
 
-from train.data.baseline import token_counts, unigram_perplexity
-from train.data.dataset import Batch, Dataset, prepare, tokenizer_path
-from train.data.errors import (DatasetNotPreparedError, SplitTooSmallError,
+from ..data.baseline import token_counts, unigram_perplexity
+from ..data.dataset import Batch, Dataset, prepare, tokenizer_path
+from ..data.errors import (DatasetNotPreparedError, SplitTooSmallError,
                                TokenizerError, UnknownDatasetError)
-from train.data.tfds_source import EmbeddedText, open_builder
-from train.data.tokenizer import Tokenizer
+from ..data.tfds_source import EmbeddedText, open_builder
+from ..data.tokenizer import Tokenizer
 
 __all__ = [
     'Batch', 'Dataset', 'DatasetNotPreparedError', 'EmbeddedText',

@@ -13,11 +13,11 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from train.data import pipeline
-from train.data import tfds_source
-from train.data import tokenizer as tokenizer_lib
-from train.data.errors import TokenizerError, UnknownDatasetError
-from train.data.tokenizer import Tokenizer
+from ..data import pipeline
+from ..data import tfds_source
+from ..data import tokenizer as tokenizer_lib
+from ..data.errors import TokenizerError, UnknownDatasetError
+from ..data.tokenizer import Tokenizer
 
 # {'inputs', 'targets'}: int32 [B, L]; unpacked data adds 'weights' float32.
 Batch = dict[str, np.ndarray]

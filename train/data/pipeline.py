@@ -18,9 +18,9 @@ from typing import Any, Optional
 import grain
 import numpy as np
 
-from train.data.errors import SplitTooSmallError
-from train.data.packing import PackIterDataset
-from train.data.tokenizer import Tokenizer
+from ..data.errors import SplitTooSmallError
+from ..data.packing import PackIterDataset
+from ..data.tokenizer import Tokenizer
 
 SEED_MOD = 2**32  # grain's shuffle takes a uint32 seed
 

@@ -27,8 +27,8 @@ from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core import registered
 from tensorflow_datasets.core.utils import tqdm_utils
 
-from train.data import corpus
-from train.data.errors import DatasetNotPreparedError, UnknownDatasetError
+from ..data import corpus
+from ..data.errors import DatasetNotPreparedError, UnknownDatasetError
 
 EMBEDDED = 'embedded'  # DataConfig.name of the embedded data set
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import numpy as np
 import sentencepiece as spm
 
-from train.data.errors import TokenizerError
+from ..data.errors import TokenizerError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 

@@ -41,25 +41,25 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from train.config import ConfigError, to_dict
+from ..config import ConfigError, to_dict
 
 # The package's API, from one module per stage (see each module).
-from train.study.config import (DEFAULT_CONFIG, QUICK_CONFIG, REPO, RunSpec,
+from .config import (DEFAULT_CONFIG, QUICK_CONFIG, RunSpec,
                                 Study, StudyConfigError, load_study, lr_tag,
                                 parse_study, run_config, run_dir, sweep_specs)
-from train.study.plots import (plot_all, plot_gradient_variance,
+from .plots import (plot_all, plot_gradient_variance,
                                plot_loss_curves, plot_lr_sensitivity,
                                plot_memory)
-from train.study.report import (RESULT_COLUMNS, RUN_COLUMNS, VARIANCE_COLUMNS,
+from .report import (RESULT_COLUMNS, RUN_COLUMNS, VARIANCE_COLUMNS,
                                 markdown_table, read_csv, setting,
                                 variance_markdown, variance_rows, write_csv,
                                 write_report)
-from train.study.results import (aggregate, all_specs, best_learning_rates,
+from .results import (aggregate, all_specs, best_learning_rates,
                                  collect_run, finalist_specs, select_finalists)
-from train.study.runner import (_read_json, _Runner, config_matches,
+from .runner import (_read_json, _Runner, config_matches,
                                 execute_run, run_state)
 
-__all__ = ['REPO', 'DEFAULT_CONFIG', 'QUICK_CONFIG', 'StudyConfigError',
+__all__ = ['DEFAULT_CONFIG', 'QUICK_CONFIG', 'StudyConfigError',
            'Study', 'RunSpec', 'parse_study', 'load_study', 'lr_tag',
            'run_dir', 'run_config', 'sweep_specs', 'run_state',
            'config_matches', 'execute_run', 'collect_run', 'aggregate',
@@ -77,7 +77,7 @@ __all__ = ['REPO', 'DEFAULT_CONFIG', 'QUICK_CONFIG', 'StudyConfigError',
 def _prepare_data(study: Study, say) -> None:
   """Builds the data set and tokenizer once, before any run (workers race
   otherwise), and records the unigram baseline."""
-  from train import data as data_lib  # pylint: disable=g-import-not-at-top
+  from .. import data as data_lib  # pylint: disable=g-import-not-at-top
   config = run_config(study, next(iter(study.optimizers)),
                       next(iter(study.optimizers.values()))[0], study.seeds[0])
   meta_path = study.output_dir / 'study.json'
@@ -136,10 +136,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
       description='Run a grid of trainer runs (optimizers x learning rates x '
       'seeds), resuming finished runs, and write a results table and plots.')
   parser.add_argument('--config', default=None,
-                      help=f'study YAML (default: {DEFAULT_CONFIG.relative_to(REPO)})')
+                      help=f'study YAML (default: configs/{DEFAULT_CONFIG.name})')
   parser.add_argument('--quick', action='store_true',
                       help=f'the few-minute variant '
-                      f'({QUICK_CONFIG.relative_to(REPO)})')
+                      f'(configs/{QUICK_CONFIG.name})')
   parser.add_argument('--jobs', type=int, default=1,
                       help='parallel trainer processes (default 1: in '
                       'sequence, in this process)')

@@ -2,7 +2,7 @@
 
 import sys
 
-from train.study import main
+from ..study import main
 
 if __name__ == '__main__':
   sys.exit(main())

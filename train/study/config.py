@@ -9,13 +9,12 @@ import os
 import pathlib
 from typing import Any, Optional, Sequence
 
-from train.config import (Config, ConfigError, _build, read_yaml_file,
-                          validate)
+from ..config import (CONFIG_DIR, Config, ConfigError, _build,
+                      read_yaml_file, validate)
 
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO / 'configs' / 'study.yaml'
-QUICK_CONFIG = REPO / 'configs' / 'study_quick.yaml'
+DEFAULT_CONFIG = CONFIG_DIR / 'study.yaml'
+QUICK_CONFIG = CONFIG_DIR / 'study_quick.yaml'
 
 # Keys of the trainer config the study sets per run (not allowed in `base`).
 _STUDY_OWNED = {
@@ -124,7 +123,7 @@ def _names(key: str, value: Any, optimizers: dict[str, Any]) -> tuple[str, ...]:
 
 def parse_study(values: Any, source: Optional[str] = None) -> Study:
   """Validates a study config (a parsed YAML mapping) into a :class:`Study`."""
-  from train.optim import KNOWN  # pylint: disable=g-import-not-at-top
+  from ..optim import KNOWN  # pylint: disable=g-import-not-at-top
   if not isinstance(values, dict):
     raise StudyConfigError(f'study config {source or ""}: expected a mapping '
                            f'with keys {", ".join(_TOP_KEYS)}.')

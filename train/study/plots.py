@@ -7,7 +7,7 @@ import pathlib
 import statistics
 from typing import Optional
 
-from train.study.config import Study
+from .config import Study
 
 
 _COLORS = {
@@ -220,7 +220,7 @@ def plot_gradient_variance(study, rows, results, path: pathlib.Path
   """Per-layer stochastic-gradient variance along training (the paper's
   Figure 4), from the 'diagnostics' records of each diagnosed optimizer's
   best-LR run (first seed)."""
-  from train.diagnostics import group_order  # pylint: disable=g-import-not-at-top
+  from ..diagnostics import group_order  # pylint: disable=g-import-not-at-top
   plt = _pyplot()
   best = _best_runs(rows, results)
   panels = []

@@ -8,10 +8,10 @@ import pathlib
 import statistics
 from typing import Any, Optional, Sequence
 
-from train.study.config import Study, run_config
-from train.study.plots import _best_runs, plot_all
-from train.study.results import aggregate, all_specs, collect_run
-from train.study.runner import _read_json
+from .config import Study, run_config
+from .plots import _best_runs, plot_all
+from .results import aggregate, all_specs, collect_run
+from .runner import _read_json
 
 
 RUN_COLUMNS = ('optimizer', 'learning_rate', 'seed', 'status', 'steps',
@@ -62,7 +62,7 @@ def _fmt_bytes(n) -> str:
 
 def setting(study: Study) -> dict[str, Any]:
   """The experimental setting, for the report."""
-  from train.model import param_count  # pylint: disable=g-import-not-at-top
+  from ..model import param_count  # pylint: disable=g-import-not-at-top
   config = run_config(study, next(iter(study.optimizers)),
                       next(iter(study.optimizers.values()))[0], study.seeds[0])
   m, d, o, t = config.model, config.data, config.optimizer, config.train
@@ -183,7 +183,7 @@ def variance_rows(study: Study, rows, results) -> list[dict[str, Any]]:
 def variance_markdown(vrows: list[dict[str, Any]]) -> str:
   """Per group, the mean over the diagnostic steps of the per-sequence
   gradient variance, with its rank among the groups (1 = largest)."""
-  from train.diagnostics import group_order  # pylint: disable=g-import-not-at-top
+  from ..diagnostics import group_order  # pylint: disable=g-import-not-at-top
   if not vrows:
     return ''
   names = list(dict.fromkeys(r['optimizer'] for r in vrows))

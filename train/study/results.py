@@ -8,8 +8,8 @@ import pathlib
 import statistics
 from typing import Any, Optional
 
-from train.study.config import RunSpec, Study, _spec, sweep_specs
-from train.study.runner import _read_json, run_state
+from .config import RunSpec, Study, _spec, sweep_specs
+from .runner import _read_json, run_state
 
 
 def _records(run_dir_path: pathlib.Path) -> list[dict[str, Any]]:

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
-from train.config import Config, _build, to_dict
-from train.study.config import RunSpec, Study
+from ..config import Config, _build, to_dict
+from .config import RunSpec, Study
 
 
 def run_state(spec: RunSpec) -> str:
@@ -100,7 +100,7 @@ def execute_run(run_dir_str: str, config_values: dict[str, Any], state: str,
   Returns ``{'status': 'done'|'diverged'|'stopped'|'error', ...}``.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from train.loop import TrainingError, train  # pylint: disable=g-import-not-at-top
+  from ..loop import TrainingError, train  # pylint: disable=g-import-not-at-top
   if _STOP_REQUESTED:  # Stopped before this run began: leave it as it is.
     return {'status': 'stopped', 'error': _STOP_REQUESTED[0], 'wall_s': 0.0}
   config = _build(Config, config_values, '')
