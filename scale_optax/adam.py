@@ -1,9 +1,14 @@
-"""Adam in the original paper's "efficient" form, as the SCALE release uses it.
+"""Adam in the original paper's "efficient" form, as the released code runs it.
 
 Kingma and Ba's Algorithm 1 note (Section 2) folds both bias corrections into
 the step size; epsilon then sits next to the uncorrected :math:`\\sqrt{v_t}`.
 The official SCALE release updates its 1-D parameters (RMSNorm scales) this
-way, whereas ``optax.scale_by_adam`` adds epsilon after bias correction.
+way, and so do GaLore, Fira and APOLLO (a copy of transformers' old
+``AdamW``), whereas ``optax.scale_by_adam`` adds epsilon after bias
+correction. This module holds that Adam once: :func:`update_moments`,
+:func:`bias_correction` and :func:`normalized_moment` are the per-array steps
+that :func:`scale_by_authors_adam` and the projected and spike-aware
+optimizers of :mod:`scale_optax.contrib` compose.
 """
 
 from __future__ import annotations
@@ -13,6 +18,32 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
+
+from scale_optax import leafwise
+
+
+def update_moments(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any,
+                   b2: Any) -> tuple[jax.Array, jax.Array]:
+  """Adam's EMAs ``b1 mu + (1 - b1) g`` and ``b2 nu + (1 - b2) g^2``.
+
+  ``g`` is cast to each moment's dtype first, so a float32 moment of a
+  bfloat16 gradient accumulates in float32 (as torch's in-place updates do).
+  ``b1`` and ``b2`` may be traced (Stable-SPAM's ``b1`` follows a cosine).
+  """
+  mu = (1 - b1) * g.astype(mu.dtype) + b1 * mu
+  nu = (1 - b2) * g.astype(nu.dtype) ** 2 + b2 * nu
+  return mu, nu
+
+
+def normalized_moment(mu: jax.Array, nu: jax.Array, eps: float) -> jax.Array:
+  """``mu / (sqrt(nu) + eps)``: Adam's direction, epsilon on the raw ``nu``."""
+  return mu / (jnp.sqrt(nu) + eps)
+
+
+def bias_correction(count: jax.Array, b1: float, b2: float) -> jax.Array:
+  """``sqrt(1 - b2^t) / (1 - b1^t)`` at step ``t = count`` (float32)."""
+  t = count.astype(jnp.float32)
+  return jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
 
 
 class ScaleByAuthorsAdamState(NamedTuple):
@@ -86,15 +117,14 @@ def scale_by_authors_adam(
                 params: Optional[optax.Params] = None
                 ) -> tuple[optax.Updates, ScaleByAuthorsAdamState]:
     del params
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
-    step_size = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    step_size = bias_correction(count, b1, b2)
+    mu, nu = leafwise.map_leaves(
+        lambda _, g, m, v: update_moments(g, m, v, b1, b2), 2, updates,
+        state.mu, state.nu)
     new_updates = jax.tree.map(
-        lambda g, m, v: (step_size * m / (jnp.sqrt(v) + eps)).astype(g.dtype),
+        lambda g, m, v: normalized_moment(step_size * m, v, eps).astype(g.dtype),
         updates, mu, nu)
-    mu = optax.tree.cast(mu, mu_dtype)
     return new_updates, ScaleByAuthorsAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

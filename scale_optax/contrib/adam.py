@@ -11,10 +11,12 @@ get) compute Adam as a copy of transformers' old ``AdamW``:
   p \\leftarrow p - \\eta \\lambda p \\ \\text{(on the updated } p\\text{)}.
 
 ``eps`` is added *before* the bias correction (``optax.adam`` adds it after),
-which matters while ``v`` is small. The three factors are three
-transformations here, so the projected optimizers reuse the last two:
-:func:`scale_by_adam_direction` (``m / (sqrt(v) + eps)``),
-:func:`scale_by_bias_correction` and :func:`decay_updated_weights`.
+which matters while ``v`` is small: the Adam of the official SCALE release,
+:func:`scale_optax.scale_by_authors_adam`. Here are the pieces the GaLore
+family adds around it: the bias correction as a transformation of its own
+(:func:`scale_by_bias_correction`; the projected optimizers apply it after
+projecting back) and the weight decay on the updated parameters
+(:func:`decay_updated_weights`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-class AdamDirectionState(NamedTuple):
-  """First and second moments, in the parameters' shapes."""
-  mu: Any
-  nu: Any
+from scale_optax import adam
 
 
 class CountState(NamedTuple):
@@ -37,69 +35,13 @@ class CountState(NamedTuple):
   count: jax.Array
 
 
-def scale_by_adam_direction(b1: float = 0.9, b2: float = 0.999,
-                            eps: float = 1e-6,
-                            mu_dtype: Optional[Any] = None
-                            ) -> optax.GradientTransformation:
-  r"""Adam's direction without bias correction: ``m / (sqrt(v) + eps)``.
-
-  .. math::
-    m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
-    v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \quad
-    u_t = m_t / (\sqrt{v_t} + \epsilon).
-
-  Args:
-    b1: decay of the first moment.
-    b2: decay of the second moment.
-    eps: added to :math:`\sqrt{v_t}` before any bias correction.
-    mu_dtype: dtype of both moments (None: the parameters').
-
-  Returns:
-    An ``optax.GradientTransformation``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from scale_optax import contrib
-    >>> tx = contrib.scale_by_adam_direction()
-    >>> u, _ = tx.update({'w': jnp.array([2.0])}, tx.init({'w': jnp.zeros(1)}))
-    >>> print(round(float(u['w'][0]), 3))  # 0.1 * 2 / (sqrt(0.004) + 1e-6)
-    3.162
-
-  References:
-    Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, 2024 (its
-    released ``AdamW``).
-  """
-  def init_fn(params):
-    zeros = lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype)
-    return AdamDirectionState(jax.tree.map(zeros, params),
-                              jax.tree.map(zeros, params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(m.dtype),
-                      state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(
-        g.astype(v.dtype)), state.nu, updates)
-    out = jax.tree.map(lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(
-        g.dtype), mu, nu, updates)
-    return out, AdamDirectionState(mu, nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def bias_correction(count: jax.Array, b1: float, b2: float) -> jax.Array:
-  """``sqrt(1 - b2^t) / (1 - b1^t)`` at step ``t = count`` (float32)."""
-  t = count.astype(jnp.float32)
-  return jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-
-
 def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999
                              ) -> optax.GradientTransformation:
   r"""Multiplies updates by :math:`\sqrt{1 - \beta_2^t} / (1 - \beta_1^t)`.
 
   The GaLore family's ``step_size / lr`` factor, applied after a direction
-  that carries no bias correction (:func:`scale_by_adam_direction`, or the
-  projected moments of :func:`scale_optax.contrib.scale_by_projected_adam`).
+  that carries no bias correction (the projected moments of
+  :func:`scale_optax.contrib.scale_by_projected_adam`).
 
   Args:
     b1: Adam's first-moment decay.
@@ -126,7 +68,7 @@ def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    factor = bias_correction(count, b1, b2)
+    factor = adam.bias_correction(count, b1, b2)
     return (jax.tree.map(lambda u: (factor * u).astype(u.dtype), updates),
             CountState(count))
 
@@ -194,7 +136,9 @@ def authors_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     p \leftarrow p - \eta \lambda p.
 
   Equivalent to ``optax.adamw`` with :math:`\epsilon / \sqrt{1-\beta_2^t}` in
-  place of :math:`\epsilon` and the decay taken on the updated parameters.
+  place of :math:`\epsilon` and the decay taken on the updated parameters;
+  :func:`scale_optax.authors_adamw` with the decay after the step instead of
+  before it (and the released eps, 1e-6).
   The non-projected parameters (embeddings, LM head, norms) of
   :func:`galore`, :func:`fira`, :func:`apollo` and :func:`apollo_mini` get it.
 
@@ -204,14 +148,13 @@ def authors_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     b2: second-moment decay.
     eps: :math:`\epsilon` (1e-6 in the released code).
     weight_decay: :math:`\lambda`, applied after the step.
-    mu_dtype: dtype of the moments (None: the parameters').
+    mu_dtype: dtype of the first moment (None: the parameters').
 
   Returns:
     An ``optax.GradientTransformation``.
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> import optax
     >>> from scale_optax import contrib
     >>> tx = contrib.authors_adamw(0.01)
     >>> p = {'w': jnp.array([1.0, -1.0])}
@@ -225,7 +168,6 @@ def authors_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
   return optax.chain(
-      scale_by_adam_direction(b1, b2, eps, mu_dtype),
-      scale_by_bias_correction(b1, b2),
+      adam.scale_by_authors_adam(b1, b2, eps, mu_dtype),
       optax.scale_by_learning_rate(learning_rate),
       decay_updated_weights(learning_rate, weight_decay))

@@ -49,8 +49,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from scale_optax import adam
+from scale_optax import leafwise
 from scale_optax import paths
-from scale_optax.contrib import adam
+from scale_optax.contrib import adam as contrib_adam
 from scale_optax.contrib import limiter
 from scale_optax.contrib import projection
 
@@ -283,23 +285,14 @@ def scale_by_projected_adam(
             jax.random.fold_in(draw, i), g.shape, rank, q.dtype)
       q = jax.lax.cond(refresh, make, lambda: q)
       r = projection.project(g, q.astype(g.dtype))
-      m = b1 * m + (1 - b1) * r.astype(m.dtype)
-      v = b2 * v + (1 - b2) * jnp.square(r.astype(v.dtype))
-      n = (m / (jnp.sqrt(v) + eps)).astype(g.dtype)
+      m, v = adam.update_moments(r, m, v, b1, b2)
+      n = adam.normalized_moment(m, v, eps).astype(g.dtype)
       u, o = output.apply(g, r, n, q.astype(g.dtype),
                           projection.compressed_axis(g.shape), o, first)
       return u.astype(g.dtype), q, m, v, o
 
-    leaves, treedef = jax.tree.flatten(updates)
-    if not leaves:  # Every leaf masked out.
-      return updates, state._replace(count=count, key=key)
-    columns = [treedef.flatten_up_to(t) for t in (state.basis, state.mu,
-                                                  state.nu)]
-    outs = ([None] * len(leaves) if state.output is None
-            else treedef.flatten_up_to(state.output))
-    results = [leaf_step(i, *args)
-               for i, args in enumerate(zip(leaves, *columns, outs))]
-    u, q, m, v, o = (treedef.unflatten(list(x)) for x in zip(*results))
+    u, q, m, v, o = leafwise.map_leaves(leaf_step, 5, updates, state.basis,
+                                        state.mu, state.nu, state.output)
     return u, ProjectedAdamState(count, key, q, m, v,
                                  None if state.output is None else o)
 
@@ -309,17 +302,47 @@ def scale_by_projected_adam(
 # ---------------------------------------------------------------- aliases --
 
 
+def partition_low_rank(kernels: optax.GradientTransformation,
+                       rest: optax.GradientTransformation,
+                       low_rank: LowRankSpec = LOW_RANK_PARAMS
+                       ) -> optax.GradientTransformation:
+  """``kernels`` on the leaves :func:`low_rank_labels` selects, ``rest`` on
+  the others: the parameter split of GaLore, Fira, APOLLO and SWAN.
+
+  Args:
+    kernels: the transformation of the selected kernels.
+    rest: the transformation of every other leaf (embeddings, LM head,
+      norms).
+    low_rank: which leaves are selected, see :func:`low_rank_labels`.
+
+  Returns:
+    An ``optax.partition`` whose states are keyed 'low_rank' and 'adam'.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from scale_optax import contrib
+    >>> tx = contrib.partition_low_rank(optax.sgd(0.1), optax.adam(0.1))
+    >>> state = tx.init({'attn': {'kernel': jnp.ones((4, 4))},
+    ...                  'norm': jnp.ones(4)})
+    >>> sorted(state.inner_states)
+    ['adam', 'low_rank']
+  """
+  return optax.partition({'low_rank': kernels, 'adam': rest},
+                         low_rank_labels(low_rank))
+
+
 def _projected_optimizer(learning_rate, low_rank_chain, b1, b2, eps,
                          weight_decay, low_rank, mu_dtype):
   """The projected chain for the selected kernels, AdamW for the rest."""
   projected = optax.chain(
       *low_rank_chain,
-      adam.scale_by_bias_correction(b1, b2),
+      contrib_adam.scale_by_bias_correction(b1, b2),
       optax.scale_by_learning_rate(learning_rate),
-      adam.decay_updated_weights(learning_rate, weight_decay))
-  rest = adam.authors_adamw(learning_rate, b1, b2, eps, weight_decay, mu_dtype)
-  return optax.partition({'low_rank': projected, 'adam': rest},
-                         low_rank_labels(low_rank))
+      contrib_adam.decay_updated_weights(learning_rate, weight_decay))
+  rest = contrib_adam.authors_adamw(learning_rate, b1, b2, eps, weight_decay,
+                                    mu_dtype)
+  return partition_low_rank(projected, rest, low_rank)
 
 
 def galore(
@@ -360,7 +383,8 @@ def galore(
     eps: :math:`\epsilon`, before bias correction (1e-6).
     weight_decay: :math:`\lambda`, after the step (0 in every script).
     low_rank: which 2-D leaves are projected, see :func:`low_rank_labels`.
-    mu_dtype: dtype of the moments (None: the parameters').
+    mu_dtype: dtype of the projected moments and of the other leaves' first
+      moment (None: the parameters').
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -422,12 +446,7 @@ def fira(
     update_gap: steps between SVD refreshes (200).
     alpha: :math:`\alpha` (``--alpha``: 0.25, 0.0625 at 1B).
     gamma: the limiter's growth bound (1.01, hard-coded in the release).
-    b1: first-moment decay.
-    b2: second-moment decay.
-    eps: :math:`\epsilon`, before bias correction (1e-6).
-    weight_decay: applied after the step.
-    low_rank: which 2-D leaves are projected, see :func:`low_rank_labels`.
-    mu_dtype: dtype of the moments.
+    b1, b2, eps, weight_decay, low_rank, mu_dtype: as in :func:`galore`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -499,12 +518,7 @@ def apollo(
     scale_front: multiply by :math:`\sqrt{s}` before the limiter.
     gamma: the limiter's growth bound (1.01).
     seed: seeds the projection key.
-    b1: first-moment decay.
-    b2: second-moment decay.
-    eps: :math:`\epsilon`, before bias correction (1e-6).
-    weight_decay: applied after the step.
-    low_rank: which 2-D leaves are projected, see :func:`low_rank_labels`.
-    mu_dtype: dtype of the moments.
+    b1, b2, eps, weight_decay, low_rank, mu_dtype: as in :func:`galore`.
 
   Returns:
     An ``optax.GradientTransformation``.

@@ -44,6 +44,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from scale_optax import adam
+from scale_optax import leafwise
+
 
 class StableSpamState(NamedTuple):
   """Global step, steps since the last reset, and per-leaf statistics."""
@@ -133,7 +136,7 @@ def scale_by_stable_spam(
     g1, beta1 = gamma1 * c, b1 * c
     bc1, bc2 = 1 - beta1 ** k_adam, 1 - b2 ** k_adam
 
-    def leaf(g, m, v, norm_mean, norm_sq_mean, max_mean):
+    def leaf(_, g, m, v, norm_mean, norm_sq_mean, max_mean):
       gf = g.astype(jnp.float32)
       top = jnp.max(jnp.abs(gf))
       max_mean = theta * max_mean + (1 - theta) * top
@@ -145,20 +148,13 @@ def scale_by_stable_spam(
       ratio = (norm_mean / (1 - g1 ** k)) / (
           jnp.sqrt(norm_sq_mean / (1 - gamma2 ** k)) + eps)
       gf = jnp.where(n > 0, gf / jnp.where(n > 0, n, 1.0) * ratio, gf)
-      m = beta1 * m + (1 - beta1) * gf.astype(m.dtype)
-      v = b2 * v + (1 - b2) * jnp.square(gf.astype(v.dtype))
+      m, v = adam.update_moments(gf, m, v, beta1, b2)
       u = m / bc1 / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps)
       m, v = (jnp.where(reset, jnp.zeros_like(x), x) for x in (m, v))
       return u.astype(g.dtype), m, v, norm_mean, norm_sq_mean, max_mean
 
-    leaves, treedef = jax.tree.flatten(updates)
-    per_field = [treedef.flatten_up_to(t) for t in (
-        state.mu, state.nu, state.norm_mean, state.norm_sq_mean,
-        state.max_mean)]
-    results = [leaf(g, *rest) for g, *rest in zip(leaves, *per_field)]
-    fields = [treedef.unflatten(list(x)) for x in zip(*results)] if results \
-        else [updates] + list(state[2:])
-    return fields[0], StableSpamState(count, step, *fields[1:])
+    u, *fields = leafwise.map_leaves(leaf, 6, updates, *state[2:])
+    return u, StableSpamState(count, step, *fields)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -168,5 +168,4 @@ def swan(
   rest = optax.adam(learning_rate if adam_learning_rate is None
                     else adam_learning_rate, b1=adam_b1, b2=adam_b2,
                     eps=adam_eps)
-  return optax.partition({'low_rank': matrices, 'adam': rest},
-                         low_rank.low_rank_labels(low_rank_params))
+  return low_rank.partition_low_rank(matrices, rest, low_rank_params)
