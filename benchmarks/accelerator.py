@@ -39,8 +39,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 MODELS = ('llama_60m', 'llama_350m')
 OPTIMIZERS = ('scale', 'adamw', 'muon')
 SEQ_LEN = 256
-# Sequences per step, chosen to fit an 80 GB H100 without remat (estimated, not
-# yet measured: about 20 GB of activations and logits for 350M at 64 x 256).
+# Sequences per step, sized to fit an 80 GB H100 without remat (the peak
+# memory of each row is in docs/benchmarks-gpu.md).
 BATCH = {'llama_60m': 128, 'llama_350m': 64}
 SMOKE_OVERRIDES = ('model.vocab_size=256', 'model.d_model=64',
                    'model.n_layers=2', 'model.n_heads=2', 'model.d_ff=128',

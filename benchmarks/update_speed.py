@@ -23,9 +23,9 @@ so that load drifts hit all alike; the median and the quartiles over the rounds
 are reported. In its turn an optimizer makes ``--settle-calls`` untimed calls
 (default 1; none for optimizers too slow for ``--repeats`` calls within
 ``--max-seconds``) and then the timed one, so that what the previous optimizer
-left behind is not charged to it (on llama_60m, unsettled, SCALE measured 29.6
-ms a call with AdamW and SGD in the rotation and 40.7 ms with Adafactor and its
-360 MB of temporaries added); the steady state is what a training loop sees.
+left behind (its freed temporaries, hundreds of MB for Adafactor and Muon, whose
+pages the next call must touch again) is not charged to it: the steady state is
+what a training loop sees.
 Each round also times three streaming kernels on a params-shaped tree,
 donated: ``P * 1.0001`` (read + write), ``P + G`` and ``P - 1e-3 G`` (two reads
 + write); the copy bandwidth is the highest of their medians.

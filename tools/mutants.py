@@ -64,6 +64,9 @@ class Mutant:
 P = 'tests/train/test_pinned.py::'
 SP = 'tests/scale_optax/test_scale_pinned.py::'
 MODEL = 'tests/train/test_model.py::'
+AA = 'tests/scale_optax/test_authors_adam.py::'
+CR = 'tests/scale_optax/test_contrib_reference.py::'
+MU = 'tests/train/test_muon_axes.py::'
 
 MUTANTS: tuple[Mutant, ...] = (
     # ----------------------------------------------------- scale_optax ----
@@ -132,6 +135,37 @@ MUTANTS: tuple[Mutant, ...] = (
            "wte|lm_head)(/|$)'",
            "FIRST_AND_LAST_LAYERS = r'(^|/)(lm_head)(/|$)'",
            (P + 'test_optimizer_routing_on_the_state[scale_first_last]',)),
+    Mutant('adam-bias-correction-swapped', 'scale_optax/adam.py',
+           'return jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)',
+           'return jnp.sqrt(1 - b1 ** t) / (1 - b2 ** t)',
+           (AA + 'test_authors_adamw_matches_numpy[0.0]',)),
+    Mutant('adam-first-moment-at-b2', 'scale_optax/adam.py',
+           'mu = (1 - b1) * g.astype(mu.dtype) + b1 * mu',
+           'mu = (1 - b2) * g.astype(mu.dtype) + b2 * mu',
+           (AA + 'test_authors_adamw_matches_numpy[0.0]',)),
+    # ------------------------------------------------- scale_optax.contrib ----
+    Mutant('galore-decay-on-old-params', 'scale_optax/contrib/adam.py',
+           'lambda u, p: (u - lr * weight_decay * (p + u)).astype(u.dtype),',
+           'lambda u, p: (u - lr * weight_decay * p).astype(u.dtype),',
+           (CR + 'test_low_rank_matches_reference[galore]',)),
+    Mutant('fira-residual-unscaled', 'scale_optax/contrib/low_rank.py',
+           'residual = (g - alpha * projection.project_back(r, basis, axis))'
+           ' * phi',
+           'residual = (g - projection.project_back(r, basis, axis)) * phi',
+           (CR + 'test_low_rank_matches_reference[fira]',)),
+    Mutant('apollo-scale-not-square-rooted', 'scale_optax/contrib/low_rank.py',
+           'multiply = optax.scale(math.sqrt(scale))',
+           'multiply = optax.scale(scale)',
+           (CR + 'test_low_rank_matches_reference[apollo]',)),
+    Mutant('projector-refresh-one-step-late',
+           'scale_optax/contrib/low_rank.py',
+           'refresh = state.count % update_gap == 0',
+           'refresh = (state.count + 1) % update_gap == 0',
+           (CR + 'test_low_rank_matches_reference[galore]',)),
+    Mutant('swan-gradnorm-over-outputs', 'scale_optax/contrib/swan.py',
+           '                  axis: int = -2) -> optax.GradientTransformation:',
+           '                  axis: int = -1) -> optax.GradientTransformation:',
+           (CR + 'test_swan_matches_reference',)),
     # ------------------------------------------------------ train/optim ----
     Mutant('cosine-to-zero', 'train/optim.py',
            'end_value=peak * config.min_lr_ratio)', 'end_value=0.0)',
@@ -154,6 +188,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "_MUON_ADAM_PATHS = re.compile(r'(^|/)(embed|lm_head)(/|$)')",
            "_MUON_ADAM_PATHS = re.compile(r'(^|/)(lm_head)(/|$)')",
            (P + 'test_optimizer_routing_on_the_state[muon]',)),
+    Mutant('muon-axes-swapped', 'train/optim.py',
+           'MuonDimensionNumbers(reduction_axis=lead,\n'
+           '                                              output_axis=lead + 1)',
+           'MuonDimensionNumbers(reduction_axis=lead + 1,\n'
+           '                                              output_axis=lead)',
+           (MU + 'test_muon_scales_up_proj_by_sqrt_fan_out_over_fan_in'
+            '[unrolled]',)),
+    Mutant('muon-stacked-kernels-to-adam', 'train/optim.py',
+           '    lead = stacked_layers(path)\n',
+           '    lead = 0\n',
+           (MU + 'test_muon_scales_up_proj_by_sqrt_fan_out_over_fan_in'
+            '[scanned]',)),
     Mutant('muon-adam-at-matrix-rate', 'train/optim.py',
            'adam_learning_rate=vlr,', 'adam_learning_rate=lr,',
            (P + 'test_first_update_rates_per_leaf[muon]',)),

@@ -44,43 +44,17 @@ GPT-NeoX / Hugging Face LLaMA) layout: feature ``j`` pairs with ``j + H/2``.
 
 Sharding
 --------
-Each param is created through ``nnx.with_partitioning(init, names)``, so its
-``nnx.Variable`` carries the logical names as the ``out_sharding`` metadata
-(``variable.out_sharding``, also in ``variable.get_metadata()``; the older
-names ``sharding`` / ``sharding_names`` are deprecated in flax 0.12.8). A
-trainer maps logical names to mesh axes with flax's logical-axis rules: a
-sequence of ``(logical_name, mesh_axis | tuple of mesh axes | None)`` pairs,
-e.g. ``(('embed', 'fsdp'), ('vocab', 'tensor'), ('mlp', 'tensor'),
-('heads', 'tensor'), ('norm', None), ('batch', ('data', 'fsdp')))``::
-
-  mesh = jax.make_mesh((1, n, 1), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    # 1) Eager sharding: params are created sharded (flax's default
-    #    ``flax_always_shard_variable``); jit the constructor so nothing is
-    #    materialized unsharded.
-    model = nnx.jit(lambda: Llama(cfg, rngs=nnx.Rngs(0)))()
-    # 2) Or explicitly: resolve specs / shardings from the metadata.
-    specs = nnx.get_partition_spec(nnx.state(model))    # PartitionSpec tree
-    shardings = nnx.get_named_sharding(nnx.state(model), mesh)
-    # 3) Abstract state with shardings, for orbax restores:
-    graphdef, abstract = nnx.get_abstract_model(
-        lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
-
-Rules are read from the ``nnx.logical_axis_rules`` context (an alias of
-``flax.core.spmd.logical_axis_rules``) when specs are resolved; outside it the
-specs hold the logical names verbatim. ``flax.linen.logical_to_mesh_sharding``
-(PartitionSpec tree, mesh, rules) does the same mapping on a tree of logical
-``PartitionSpec``s.
-
-Eager sharding needs a mesh: flax raises when a variable with ``out_sharding``
-is created with no mesh in context. So ``Llama(..., eager_sharding=None)``
-(the default) shards eagerly only when flax's default says so AND a mesh is set
-(``jax.set_mesh``) AND logical-axis rules are active; otherwise params are
-created unsharded and keep the annotations as metadata. That keeps the model
-usable on one CPU with no context at all. Pass ``eager_sharding=True/False`` to
-force either behaviour. No activation sharding constraints are applied
-(the batch is expected to arrive sharded; XLA propagates from there).
+Each param is created through ``nnx.with_partitioning(init, names)`` with the
+logical names of the table above, so where it lives is decided by the
+logical-axis rules in context (``nnx.logical_axis_rules``; the trainer's are
+``mesh.rules``, entered in ``train/state.py``), not by the model.
+``Llama(..., eager_sharding=None)`` (the default) creates params already
+sharded only when flax shards variables eagerly by default, a mesh is set
+(``jax.set_mesh``) and rules are active: flax refuses to create a sharded
+variable with no mesh, and the model must also run on one CPU with no context
+at all. ``eager_sharding=True/False`` forces either behaviour. No activation
+sharding constraints are applied: the batch arrives sharded and XLA
+propagates from there.
 """
 
 from __future__ import annotations
