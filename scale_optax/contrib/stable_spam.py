@@ -68,6 +68,41 @@ def momentum_scale(count: jax.Array, t_max: Optional[int],
   return eta_min + (1 - eta_min) * (1 + jnp.cos(math.pi * t / (t_max + 1))) / 2
 
 
+def ada_clip(g: jax.Array, max_mean: jax.Array, k: jax.Array,
+             theta: float) -> tuple[jax.Array, jax.Array]:
+  r"""AdaClip: scales every entry above the adaptive threshold by ``tau / M``.
+
+  .. math::
+    M = \max|g|,\quad m^{\max} \leftarrow \theta m^{\max} + (1-\theta) M,
+    \quad \tau = m^{\max} / (1 - \theta^k), \quad
+    g_i \leftarrow g_i \tau / M \text{ where } |g_i| > \tau,
+
+  so the largest entry becomes :math:`\pm\tau` and the other spiked entries
+  keep their ratios to it (the authors' code; not a clamp to :math:`\tau`).
+
+  Args:
+    g: one leaf's gradient (float32).
+    max_mean: :math:`m^{\max}`, the EMA of :math:`M` (0-d).
+    k: the 1-based step count of the EMA's bias correction.
+    theta: the EMA's decay.
+
+  Returns:
+    ``(clipped g, new max_mean)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from scale_optax.contrib.stable_spam import ada_clip
+    >>> g, m = ada_clip(jnp.array([1.0, -4.0, 2.0]), jnp.zeros([]),
+    ...                 jnp.ones([]), theta=0.5)
+    >>> print(g, m)  # tau = M = 4 at step 1: nothing is above it.
+    [ 1. -4.  2.] 2.0
+  """
+  top = jnp.max(jnp.abs(g))
+  max_mean = theta * max_mean + (1 - theta) * top
+  threshold = max_mean / (1 - theta ** k)
+  return jnp.where(jnp.abs(g) > threshold, g / top * threshold, g), max_mean
+
+
 def scale_by_stable_spam(
     gamma1: float = 0.85,
     gamma2: float = 0.99999,
@@ -137,11 +172,7 @@ def scale_by_stable_spam(
     bc1, bc2 = 1 - beta1 ** k_adam, 1 - b2 ** k_adam
 
     def leaf(_, g, m, v, norm_mean, norm_sq_mean, max_mean):
-      gf = g.astype(jnp.float32)
-      top = jnp.max(jnp.abs(gf))
-      max_mean = theta * max_mean + (1 - theta) * top
-      threshold = max_mean / (1 - theta ** k)
-      gf = jnp.where(jnp.abs(gf) > threshold, gf / top * threshold, gf)
+      gf, max_mean = ada_clip(g.astype(jnp.float32), max_mean, k, theta)
       n = jnp.linalg.norm(gf)
       norm_mean = g1 * norm_mean + (1 - g1) * n
       norm_sq_mean = gamma2 * norm_sq_mean + (1 - gamma2) * n ** 2

@@ -22,6 +22,7 @@ import contrib_reference as ref
 import scale_test_util as tu
 from scale_optax import contrib
 from scale_optax import paths
+from scale_optax.contrib.stable_spam import ada_clip
 
 # One kernel of each projection case (square, wide, tall in Flax layout) and
 # one leaf of each AdamW kind, with the trainer's LLaMA paths: few leaves keep
@@ -190,6 +191,24 @@ def test_stable_spam_matches_authors_code_across_resets():
     params = optax.apply_updates(params, u)
     p = reference.step(p, {k: _torch(v) for k, v in _flat(g).items()})
     _assert_close(_flat(params), p, start, f'step {t}')
+
+
+def test_stable_spam_adaclip_scales_spikes_by_threshold_over_max():
+  """Step 1 clips nothing (tau = M); at step 2 the entries above
+  tau = (0.999 * 0.001 * 1 + 0.001 * 100) / (1 - 0.999^2) = 50.52 are scaled
+  by tau / 100: the max becomes -tau and 80 becomes 0.8 tau (a clamp would
+  give tau)."""
+  theta = 0.999
+  g1 = jnp.ones(4)
+  g2 = jnp.array([0.1, -0.1, 80.0, -100.0])
+  clipped, max_mean = ada_clip(g1, jnp.zeros([]), jnp.ones([]), theta)
+  np.testing.assert_array_equal(clipped, g1)
+  clipped, max_mean = ada_clip(g2, max_mean, 2 * jnp.ones([]), theta)
+  tau = (theta * (1 - theta) * 1.0 + (1 - theta) * 100.0) / (1 - theta**2)
+  # float32's 1 - 0.999^2 is good to about 1e-4.
+  assert float(max_mean) == pytest.approx(tau * (1 - theta**2), rel=1e-5)
+  np.testing.assert_allclose(clipped, [0.1, -0.1, 0.8 * tau, -tau],
+                             rtol=1e-4)
 
 
 def test_swan_matches_reference():
