@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from . import data as data_lib
+from . import distributed
 from . import hf_llama
 from . import mesh as mesh_lib
 from . import perf
@@ -265,7 +266,7 @@ class _StepMonitor:
 def train(config: Config, resume: bool = True) -> dict[str, Any]:
   """Runs (or resumes) the training run described by ``config``."""
   t_start = time.time()
-  mesh_lib.initialize_distributed(config.distributed)
+  distributed.initialize_distributed(config.distributed)
   run_dir = run_directory(config)
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
@@ -274,7 +275,7 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
   mesh_lib.check_batch(config, mesh)
   attention_implementation(config.model)  # A config error before the data.
   # Process 0 builds the data set and tokenizer first; the others then open it.
-  dataset = mesh_lib.main_process_first(
+  dataset = distributed.main_process_first(
       lambda: data_lib.prepare(config.data, config.model.vocab_size),
       'prepare_data')
   tx, schedule = make_optimizer(config.optimizer, config.train.steps,
@@ -301,7 +302,7 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
                                       process_count=pcount)
 
   if not resume:  # Old checkpoints must not mix with this run's.
-    moved = mesh_lib.main_process_first(
+    moved = distributed.main_process_first(
         lambda: set_aside(run_dir / 'checkpoints', 'replaced') if is_main
         else None, 'set_aside_checkpoints')
     if moved:

@@ -1,6 +1,6 @@
 """Multi-process (multi-host) training.
 
-Unit tests of ``train.mesh``'s distributed helpers, then a real run: two
+Unit tests of ``train.distributed`` and of ``train.mesh.check_batch``, then a real run: two
 ``python -m train`` processes on localhost, 4 simulated CPU devices each (one
 8-device mesh, gloo collectives across the processes), trained for 5 steps
 with a checkpoint at step 3, then restarted as if killed after step 3 (the
@@ -28,6 +28,7 @@ import pytest
 import dist_test_util as du
 import replay_util as ru
 from train import data as data_lib
+from train import distributed
 from train import mesh as mesh_lib
 from train.config import ConfigError, DistributedConfig, load_config
 
@@ -35,10 +36,10 @@ from train.config import ConfigError, DistributedConfig, load_config
 
 
 def test_single_process_by_default():
-  assert mesh_lib.distributed_arguments(DistributedConfig(), {}) is None
-  assert mesh_lib.distributed_arguments(
+  assert distributed.distributed_arguments(DistributedConfig(), {}) is None
+  assert distributed.distributed_arguments(
       DistributedConfig(), {'SLURM_NTASKS': '1'}) is None
-  assert mesh_lib.distributed_arguments(
+  assert distributed.distributed_arguments(
       DistributedConfig(num_processes=1), {}) is None
 
 
@@ -48,18 +49,18 @@ def test_arguments_from_config_then_environment():
                              local_device_ids='0,1')
   env = {'JAX_COORDINATOR_ADDRESS': 'other:1', 'JAX_NUM_PROCESSES': '8',
          'JAX_PROCESS_ID': '5'}
-  assert mesh_lib.distributed_arguments(config, env) == {
+  assert distributed.distributed_arguments(config, env) == {
       'coordinator_address': '127.0.0.1:1234', 'num_processes': 2,
       'process_id': 1, 'local_device_ids': [0, 1]}
-  assert mesh_lib.distributed_arguments(DistributedConfig(), env) == {
+  assert distributed.distributed_arguments(DistributedConfig(), env) == {
       'coordinator_address': 'other:1', 'num_processes': 8, 'process_id': 5,
       'local_device_ids': None}
   # A cluster launcher with several tasks: jax detects the values itself.
-  assert mesh_lib.distributed_arguments(
+  assert distributed.distributed_arguments(
       DistributedConfig(), {'SLURM_NTASKS': '4'}) == {
           'coordinator_address': None, 'num_processes': None,
           'process_id': None, 'local_device_ids': None}
-  assert mesh_lib.distributed_arguments(
+  assert distributed.distributed_arguments(
       DistributedConfig(), {'TPU_WORKER_HOSTNAMES': 'a,b'}) is not None
 
 
@@ -73,7 +74,7 @@ def test_arguments_from_config_then_environment():
 ])
 def test_bad_distributed_values(config, env, key):
   with pytest.raises(ConfigError, match=key):
-    mesh_lib.distributed_arguments(config, env)
+    distributed.distributed_arguments(config, env)
 
 
 def test_initialize_uses_gloo_on_cpu_and_binds_loopback(monkeypatch):
@@ -84,9 +85,9 @@ def test_initialize_uses_gloo_on_cpu_and_binds_loopback(monkeypatch):
   previous = jax.config.jax_cpu_collectives_implementation
   try:
     jax.config.update('jax_cpu_collectives_implementation', None)
-    assert not mesh_lib.initialize_distributed(DistributedConfig(), {})
+    assert not distributed.initialize_distributed(DistributedConfig(), {})
     assert not calls
-    assert mesh_lib.initialize_distributed(
+    assert distributed.initialize_distributed(
         DistributedConfig(coordinator_address='127.0.0.1:5000',
                           num_processes=2, process_id=0), {})
     assert jax.config.jax_cpu_collectives_implementation == 'gloo'
@@ -100,16 +101,30 @@ def test_initialize_uses_gloo_on_cpu_and_binds_loopback(monkeypatch):
 
 def test_main_process_first(monkeypatch):
   events = []
-  monkeypatch.setattr(mesh_lib, 'sync_processes',
+  monkeypatch.setattr(distributed, 'sync_processes',
                       lambda name: events.append(('barrier', name)))
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   for index in (0, 1):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
-    result = mesh_lib.main_process_first(
+    result = distributed.main_process_first(
         lambda index=index: events.append(('work', index)) or index, 'prep')
     assert result == index
   assert events == [('work', 0), ('barrier', 'prep'), ('barrier', 'prep'),
                     ('work', 1)]
+
+
+def test_sync_processes_waits_at_a_new_barrier_each_call(monkeypatch):
+  waits = []
+  monkeypatch.setattr(distributed.ocp_multihost, 'get_barrier_sync_fn',
+                      lambda: lambda **kw: waits.append(kw))
+  distributed.sync_processes('one')
+  assert not waits  # One process: nothing to wait for.
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  distributed.sync_processes('prep', timeout_s=5)
+  distributed.sync_processes('prep', timeout_s=5)
+  assert [w['timeout_ms'] for w in waits] == [5000, 5000]
+  assert waits[0]['key'] != waits[1]['key']
+  assert all('prep' in w['key'] for w in waits)
 
 
 class _FakeSharding:
