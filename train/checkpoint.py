@@ -12,16 +12,17 @@ Crash safety:
   renames it to ``N`` when every item is written, so a save cut short (the
   process killed, the machine preempted) is never listed as a step; leftover
   temporary folders are deleted when the next run opens the folder.
-- Integrity. Orbax does not notice flipped bytes inside array data (OCDBT
-  checksums only its manifest and tree nodes; the array chunks are stored
-  raw), so just before the rename every file of the checkpoint is listed with
-  its size and SHA-256 in ``N/integrity.json``. ``restore`` verifies it first:
-  a missing, truncated or altered file is a :class:`CheckpointCorruptError`
-  naming the step and the files.
+- Integrity. Just before the rename every file of the checkpoint is listed
+  with its size and SHA-256 in ``N/integrity.json`` (see ``integrity.py``:
+  orbax itself restores flipped array bytes silently). ``restore`` verifies it
+  first: a missing, truncated or altered file is a
+  :class:`CheckpointCorruptError` naming the step and the files.
 - Fallback. :meth:`Checkpointer.restore_latest` tries the newest step, then
-  older ones, warning about each unrestorable one and moving it aside to
+  older ones, warning about each corrupt one and moving it aside to
   ``<checkpoints>.corrupt/``; when none can be restored it raises instead of
-  silently starting from scratch. A checkpoint of another model or optimizer
+  silently starting from scratch. Only damage counts as corrupt (see
+  :meth:`Checkpointer.restore`): any other error propagates and moves
+  nothing. A checkpoint of another model, optimizer or process count
   (:class:`CheckpointMismatchError`) is refused at once, with no fallback.
 - Donation. ``save`` copies (or, on CPU, pins: a buffer with a live host view
   is never donated) every array to host memory before it returns, so the
@@ -31,9 +32,6 @@ Crash safety:
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
 import logging
 import os
 import pathlib
@@ -44,15 +42,19 @@ from typing import Any, Callable, Optional
 import grain
 import jax
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.path import atomicity
 
 from scale_optax import path_str
+from . import distributed
+from .integrity import MANIFEST, ManifestTemporaryPath, verify_manifest
 
 log = logging.getLogger(__name__)
 
-MANIFEST = 'integrity.json'
-# Step-level files orbax writes or rewrites after the manifest: not covered.
-_UNLISTED = frozenset({MANIFEST, '_CHECKPOINT_METADATA', 'commit_success.txt'})
+# What reading a damaged or incomplete checkpoint raises: TensorStore reports
+# a missing, truncated or undecodable file as ValueError ('NOT_FOUND: ...',
+# 'DATA_LOSS: ...', 'OUT_OF_RANGE: ...'), orbax and grain a garbled JSON file
+# as json.JSONDecodeError (a ValueError) and a missing one as ValueError or
+# OSError.
+_DAMAGE_ERRORS = (OSError, ValueError)
 
 
 class CheckpointError(RuntimeError):
@@ -67,89 +69,24 @@ class CheckpointMismatchError(CheckpointError):
   """A checkpoint holds other shapes or paths than this run (another model)."""
 
 
+def _damage(e: Optional[BaseException]) -> Optional[BaseException]:
+  """``e``, or the error it was raised from, if that is a damaged file's.
+
+  Orbax re-raises a failed array read as a bare ``Exception`` from
+  TensorStore's error. None for anything else (TypeError, AttributeError,
+  ...): a bug, which keeps its traceback.
+  """
+  while e is not None and not isinstance(e, _DAMAGE_ERRORS):
+    e = e.__cause__
+  return e
+
+
 def _short(e: BaseException, limit: int = 300) -> str:
   """``Type: first line of the message``, cut (TensorStore errors are huge)."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ''
   if len(text) > limit:
     text = text[:limit] + '...'
   return f'{type(e).__name__}: {text}'
-
-
-def _file_digest(path: pathlib.Path) -> str:
-  with path.open('rb') as f:
-    return hashlib.file_digest(f, 'sha256').hexdigest()
-
-
-def _listed_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
-  files = []
-  for root, _, names in os.walk(step_dir):
-    for name in names:
-      path = pathlib.Path(root) / name
-      if path.parent == step_dir and name in _UNLISTED:
-        continue
-      files.append(path)
-  return sorted(files)
-
-
-def write_manifest(step_dir: str | os.PathLike) -> pathlib.Path:
-  """Writes ``integrity.json`` (size and SHA-256 of every file) atomically."""
-  step_dir = pathlib.Path(step_dir)
-  files = {path.relative_to(step_dir).as_posix():
-           {'size': path.stat().st_size, 'sha256': _file_digest(path)}
-           for path in _listed_files(step_dir)}
-  target = step_dir / MANIFEST
-  tmp = step_dir / f'.{MANIFEST}.tmp'
-  with tmp.open('w') as f:
-    json.dump({'version': 1, 'algorithm': 'sha256', 'files': files}, f,
-              indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, target)
-  return target
-
-
-def verify_manifest(step_dir: str | os.PathLike) -> Optional[list[str]]:
-  """The problems found against ``integrity.json`` ([] when intact).
-
-  Returns None when the checkpoint has no manifest (written before manifests
-  existed). An unreadable manifest is itself a problem.
-  """
-  step_dir = pathlib.Path(step_dir)
-  path = step_dir / MANIFEST
-  if not path.exists():
-    return None
-  try:
-    files = json.loads(path.read_text())['files']
-    assert isinstance(files, dict)
-  except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-    return [f'{MANIFEST} is unreadable ({type(e).__name__})']
-  problems = []
-  for name, expected in sorted(files.items()):
-    file = step_dir / name
-    if not file.is_file():
-      problems.append(f'{name}: missing')
-    elif file.stat().st_size != expected['size']:
-      problems.append(f'{name}: {file.stat().st_size} bytes, expected '
-                      f'{expected["size"]} (truncated or rewritten)')
-    elif _file_digest(file) != expected['sha256']:
-      problems.append(f'{name}: SHA-256 differs (bytes altered)')
-  return problems
-
-
-class _ManifestTemporaryPath(atomicity.AtomicRenameTemporaryPath):
-  """Orbax's atomic-rename commit, with the manifest written just before it.
-
-  ``finalize`` runs in orbax's background thread on the primary process once
-  every item of the step is written (after a barrier with the other
-  processes), so the manifest lists the files of all processes, and the
-  rename commits data and manifest together. Item folders (``state``,
-  ``data``) go through the same class; only the step folder gets a manifest.
-  """
-
-  async def finalize(self, *args, **kwargs):
-    if self.get_final().name.isdigit():
-      await asyncio.to_thread(write_manifest, self.get())
-    return await super().finalize(*args, **kwargs)
 
 
 def set_aside(directory: str | os.PathLike, label: str) -> Optional[pathlib.Path]:
@@ -189,7 +126,7 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
-        temporary_path_class=_ManifestTemporaryPath,
+        temporary_path_class=ManifestTemporaryPath,
         create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -198,9 +135,6 @@ class Checkpointer:
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
-
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator: Any,
            force: bool = True) -> bool:
@@ -242,26 +176,35 @@ class Checkpointer:
 
     Raises:
       CheckpointCorruptError: naming the step, when the checkpoint fails its
-        integrity check or cannot be read.
+        integrity check, or has no manifest and reading it fails as a damaged
+        file does.
       CheckpointMismatchError: when its arrays do not match
         ``abstract_state`` (the mismatching paths are listed: a checkpoint of
         another model or optimizer is refused).
+
+    Any other error propagates with its traceback, including a read error of
+    a checkpoint that passed its integrity check: its files are as
+    committed, so the error is not damage, and the checkpoint must not be
+    set aside as corrupt.
     """
-    if not self.verify(step):
-      log.warning('checkpoint at step %d in %s has no %s (saved by an older '
-                  'version): restored without an integrity check.', step,
-                  self.directory, MANIFEST)
-    self.check_compatible(step, abstract_state)
+    verified = self.verify(step)
+    if not verified:
+      log.warning('checkpoint at step %d in %s has no %s: restored without an '
+                  'integrity check.', step, self.directory, MANIFEST)
     try:
+      self.check_compatible(step, abstract_state)
       restored = self.manager.restore(
           step,
           args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state),
               data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    except Exception as e:  # orbax raises many types; name the step.
+    except Exception as e:  # pylint: disable=broad-except
+      damage = _damage(e)
+      if verified or damage is None:
+        raise
       raise CheckpointCorruptError(
           f'checkpoint at step {step} in {self.directory} cannot be restored: '
-          f'{_short(e)}') from e
+          f'{_short(damage)}') from e
     return restored['state']
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any,
@@ -317,18 +260,18 @@ class Checkpointer:
         warn(f'moved the corrupt checkpoint of step {step} to {dest}.')
     # Every process found the same steps corrupt (the same files, verified
     # the same way), so every process is here.
-    from . import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-    mesh_lib.sync_processes('checkpoint_move_corrupt')
+    distributed.sync_processes('checkpoint_move_corrupt')
     self.manager.reload()
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
-    """Raises unless the saved arrays have the paths and shapes expected."""
-    try:
-      saved_tree = self.manager.item_metadata(step)['state']
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointCorruptError(
-          f'checkpoint at step {step} in {self.directory} has unreadable '
-          f'metadata: {_short(e)}') from e
+    """Raises unless the saved arrays have the paths and shapes expected and
+    the data positions were saved by as many processes as this run has.
+
+    Reading the metadata of a damaged checkpoint raises what orbax raises
+    (see ``restore``).
+    """
+    self._check_process_count(step)
+    saved_tree = self.manager.item_metadata(step)['state']
     if saved_tree is None:
       raise CheckpointCorruptError(
           f'checkpoint at step {step} in {self.directory} has no state item.')
@@ -359,6 +302,22 @@ class Checkpointer:
           f'checkpoint at step {step} in {self.directory} does not match this '
           f'run\'s model and optimizer, resume refused: {shown}{more}. Use '
           f'another train.run_dir or --no-resume.')
+
+  def _check_process_count(self, step: int) -> None:
+    # grain saves one data position per process, named by index and count.
+    data = self.directory / str(step) / 'data'
+    count = jax.process_count()
+    if (data / f'process_{jax.process_index()}-of-{count}.json').exists():
+      return
+    saved = sorted({name.split('-of-')[1].removesuffix('.json') for name in
+                    (p.name for p in data.glob('process_*-of-*.json'))})
+    if saved:
+      raise CheckpointMismatchError(
+          f'checkpoint at step {step} in {self.directory} was saved by '
+          f'{" or ".join(saved)} process(es), this run has {count}: resume '
+          f'refused (the data position is saved per process). Resume with '
+          f'{saved[0]} process(es), or use another train.run_dir or '
+          f'--no-resume.')
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -82,7 +82,7 @@ def step_directory(run_dir: pathlib.Path, step: Optional[int]) -> pathlib.Path:
     raise ExportError(f'run directory {run_dir} has no checkpoint at step '
                       f'{step} (it has {", ".join(map(str, steps))}).')
   directory = run_dir / 'checkpoints' / str(step)
-  from .checkpoint import verify_manifest  # pylint: disable=g-import-not-at-top
+  from .integrity import verify_manifest  # pylint: disable=g-import-not-at-top
   problems = verify_manifest(directory)
   if problems:
     raise ExportError(f'checkpoint {directory} is corrupt: '

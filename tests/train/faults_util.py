@@ -382,10 +382,6 @@ def truncate(path: pathlib.Path, fraction: float = 0.5) -> None:
 
 # ---------------------------------------------------------- the child side --
 
-SLOW_SAVE_TARGET = ('orbax.checkpoint._src.serialization.jax_array_handlers',
-                    '_async_serialize_replica_slices')
-
-
 def slowed(original, seconds: float):
   """``original`` (orbax's async writer of host arrays) after a sleep."""
   import asyncio  # pylint: disable=g-import-not-at-top
@@ -399,9 +395,8 @@ def slowed(original, seconds: float):
 def _install_slow_save(seconds: float) -> None:
   """Delays orbax's background write of array data by ``seconds`` (the
   arrays are already on the host then: ``save`` has returned)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  module = importlib.import_module(SLOW_SAVE_TARGET[0])
-  name = SLOW_SAVE_TARGET[1]
+  from train import compat  # pylint: disable=g-import-not-at-top
+  module, name = compat.orbax_array_writer()
   setattr(module, name, slowed(getattr(module, name), seconds))
 
 

@@ -5,7 +5,6 @@ torn metrics. ``test_reliability.py`` has the end-to-end runs."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -20,7 +19,9 @@ import pytest
 import faults_util as fu
 import scale_optax
 from train import checkpoint as ckpt_lib
+from train import compat
 from train import data
+from train import integrity
 from train import mesh as mesh_lib
 from train.config import DataConfig, load_config
 from train.data import tfds_source
@@ -75,11 +76,11 @@ def _restore(directory, step, keep=3):
 def test_every_committed_checkpoint_has_a_manifest(saved):
   assert fu.committed_steps(saved) == [1, 2, 3]
   for step in (1, 2, 3):
-    manifest = json.loads((saved / str(step) / ckpt_lib.MANIFEST).read_text())
+    manifest = json.loads((saved / str(step) / integrity.MANIFEST).read_text())
     names = set(manifest['files'])
     assert 'data/process_0-of-1.json' in names
     assert any(n.startswith('state/') and '/d/' in n for n in names)
-    assert ckpt_lib.verify_manifest(saved / str(step)) == []
+    assert integrity.verify_manifest(saved / str(step)) == []
   state, position = _restore(saved, 2)
   np.testing.assert_array_equal(state['params']['w'], _state(2)['params']['w'])
   assert position == 20  # The data iterator resumes where it was saved.
@@ -89,7 +90,7 @@ def test_orbax_alone_restores_flipped_array_bytes_silently(saved):
   """Why the manifest exists: without it, altered array data restores
   without any error, as wrong numbers."""
   fu.flip_bytes(fu.data_files(saved / '3')[0], count=8)
-  (saved / '3' / ckpt_lib.MANIFEST).unlink()
+  (saved / '3' / integrity.MANIFEST).unlink()
   state, _ = _restore(saved, 3)
   assert not np.array_equal(state['params']['w'], _state(3)['params']['w'])
 
@@ -113,7 +114,7 @@ def test_damage_is_an_error_naming_the_step_and_file(saved, damage, problem):
   elif damage == 'delete_data_item':
     (step_dir / 'data' / 'process_0-of-1.json').unlink()
   else:
-    (step_dir / ckpt_lib.MANIFEST).write_text('{"files": [')
+    (step_dir / integrity.MANIFEST).write_text('{"files": [')
   with pytest.raises(ckpt_lib.CheckpointCorruptError) as e:
     _restore(saved, 3)
   message = str(e.value)
@@ -145,6 +146,56 @@ def test_restore_latest_falls_back_warns_and_sets_aside(saved):
   assert fu.committed_steps(saved) == [1, 2]
 
 
+def test_damaged_checkpoint_without_manifest_is_set_aside(saved):
+  """Without a manifest, orbax's own read error is the sign of damage."""
+  (saved / '3' / integrity.MANIFEST).unlink()
+  fu.truncate(fu.data_files(saved / '3')[0])
+  warnings = []
+  c = ckpt_lib.Checkpointer(saved, keep=3)
+  step, _ = c.restore_latest(_abstract(_state(0)), _iterator(),
+                             warn=warnings.append)
+  c.close()
+  assert step == 2
+  assert warnings[0].startswith(f'checkpoint at step 3 in {saved} cannot be '
+                                f'restored: ValueError: ')
+  assert [p.name for p in (saved.parent / 'checkpoints.corrupt').iterdir()
+          ] == ['3']
+
+
+def _raised_from(error, cause):
+  try:
+    raise error from cause
+  except type(error) as e:
+    return e
+
+
+@pytest.mark.parametrize('error, manifest', [
+    (TypeError('a bug'), True),
+    (TypeError('a bug'), False),
+    (_raised_from(Exception('reading an array'), TypeError('a bug')), False),
+    (ValueError('a read error of intact files'), True),
+])
+def test_other_restore_errors_propagate_and_move_nothing(
+    saved, monkeypatch, error, manifest):
+  """A bug, or any error reading a checkpoint whose files passed their
+  integrity check, is not damage: it keeps its traceback, and the newest
+  checkpoint stays where it is."""
+  if not manifest:
+    (saved / '3' / integrity.MANIFEST).unlink()
+  c = ckpt_lib.Checkpointer(saved, keep=3)
+
+  def fail(*args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(c.manager, 'restore', fail)
+  with pytest.raises(type(error), match=str(error)):
+    c.restore_latest(_abstract(_state(0)), _iterator(),
+                     warn=lambda m: pytest.fail(m))
+  c.close()
+  assert fu.committed_steps(saved) == [1, 2, 3]
+  assert not (saved.parent / 'checkpoints.corrupt').exists()
+
+
 def test_no_restorable_checkpoint_raises_listing_all(saved):
   for step in (1, 2, 3):
     fu.flip_bytes(fu.data_files(saved / str(step))[0])
@@ -171,8 +222,24 @@ def test_other_shapes_are_refused_without_fallback(saved):
   assert fu.committed_steps(saved) == [1, 2, 3]
 
 
+def test_another_process_count_is_refused_without_fallback(saved):
+  for step in (1, 2, 3):  # As if saved by two processes.
+    data_dir = saved / str(step) / 'data'
+    (data_dir / 'process_0-of-1.json').rename(data_dir / 'process_0-of-2.json')
+    (data_dir / 'process_1-of-2.json').write_text('{}')
+    integrity.write_manifest(saved / str(step))
+  c = ckpt_lib.Checkpointer(saved, keep=3)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match=r'step 3 .* saved by 2 process\(es\), this run has '
+                     r'1: resume refused'):
+    c.restore_latest(_abstract(_state(0)), _iterator(),
+                     warn=lambda m: pytest.fail(m))
+  c.close()
+  assert fu.committed_steps(saved) == [1, 2, 3]
+
+
 def test_checkpoints_without_manifest_still_restore(saved):
-  (saved / '3' / ckpt_lib.MANIFEST).unlink()
+  (saved / '3' / integrity.MANIFEST).unlink()
   c = ckpt_lib.Checkpointer(saved, keep=3)
   assert c.verify(3) is False
   c.close()
@@ -192,8 +259,7 @@ def test_donating_step_during_in_flight_async_save(tmp_path, monkeypatch):
   """The write of the arrays is held back 1.5 s after ``save`` returns while a
   jitted step donates and overwrites the saved buffers; the checkpoint still
   holds the values at save time."""
-  module = importlib.import_module(fu.SLOW_SAVE_TARGET[0])
-  name = fu.SLOW_SAVE_TARGET[1]
+  module, name = compat.orbax_array_writer()
   monkeypatch.setattr(module, name, fu.slowed(getattr(module, name), 1.5))
   step = jax.jit(lambda s: jax.tree.map(lambda x: x * 3 + 1, s),
                  donate_argnums=0)
