@@ -70,8 +70,10 @@ class Dataset:
     return pipeline.PadOrTruncate(seq_len, self.tokenizer.pad_id,
                                   self.tokenizer.eos_id)
 
-  def _pipeline(self, split, batch_size, seq_len, *, shuffle, seed,
-                process_index, process_count):
+  def _batches(self, split, batch_size, seq_len, *, shuffle, seed,
+               process_index, process_count) -> grain.IterDataset:
+    """This process's endless batches of ``split``, after checking that
+    an epoch of its shard can fill one."""
     if batch_size % process_count:
       raise ValueError(f'batch_size={batch_size} is not divisible by '
                        f'process_count={process_count}.')
@@ -79,35 +81,25 @@ class Dataset:
     if local_batch < 1 or seq_len < 1:
       raise ValueError(f'need batch_size >= process_count and seq_len >= 1, '
                        f'got {batch_size}, {seq_len}.')
-    indices = pipeline.document_indices(
+    epoch = pipeline.document_indices(
         self.num_documents(split), shuffle=shuffle, seed=seed,
         process_index=process_index, process_count=process_count,
         split=split)
     tokenize = self.tokenize_fn(split)
     if self.packing:
-      pipeline.check_enough_tokens(indices, tokenize,
+      pipeline.check_enough_tokens(epoch, tokenize,
                                    local_batch * seq_len + 1, split,
                                    process_index, process_count)
     else:  # Rows repeat forever; an epoch needs one loss token to count on.
       pipeline.check_enough_tokens(
-          indices, tokenize, 1, split, process_index, process_count,
+          epoch, tokenize, 1, split, process_index, process_count,
           count=lambda tokens: min(len(tokens), seq_len) - 1)
-    return indices, tokenize, local_batch
-
-  def _batches(self, split, batch_size, seq_len, *, shuffle, seed,
-               process_index, process_count, **options):
-    indices, tokenize, local_batch = self._pipeline(
-        split, batch_size, seq_len, shuffle=shuffle, seed=seed,
-        process_index=process_index, process_count=process_count)
-    ds = pipeline.batches(indices, tokenize, batch_size=local_batch,
-                          seq_len=seq_len, pad=self._pad(seq_len), **options)
-    return ds, indices, tokenize, local_batch
+    return pipeline.batches(epoch, tokenize, batch_size=local_batch,
+                            seq_len=seq_len, pad=self._pad(seq_len))
 
   def train_iter(self, batch_size: int, seq_len: int, seed: int, *,
                  process_index: int = 0, process_count: int = 1,
-                 start_step: int = 0, shuffle: Optional[bool] = None,
-                 num_threads: int = 0, prefetch: int = 0
-                 ) -> grain.DatasetIterator:
+                 shuffle: Optional[bool] = None) -> grain.DatasetIterator:
     """Endless training batches for this process.
 
     Each ``next()`` gives {'inputs', 'targets'}: int32
@@ -117,25 +109,11 @@ class Dataset:
     batch_size, seq_len) only. The iterator is a grain ``DatasetIterator``:
     ``get_state()`` (a small JSON-able dict) / ``set_state()`` resume exactly,
     and grain's Orbax handler (``grain.checkpoint.CheckpointSave``) saves it.
-    ``start_step=k`` starts at batch k directly (no batches are built; it
-    tokenizes at most about one epoch of this process's documents to count
-    tokens).
     """
-    if start_step < 0:
-      raise ValueError(f'start_step must be >= 0, got {start_step}.')
     shuffle = self.shuffle if shuffle is None else shuffle
-    ds, indices, tokenize, local_batch = self._batches(
+    return iter(self._batches(
         self.train_split, batch_size, seq_len, shuffle=shuffle, seed=seed,
-        process_index=process_index, process_count=process_count,
-        num_threads=num_threads, prefetch=prefetch)
-    iterator = iter(ds)
-    if start_step and self.packing:
-      iterator.set_state(pipeline.state_at_step(
-          indices, tokenize, step=start_step, batch_size=local_batch,
-          seq_len=seq_len))
-    elif start_step:  # One document a row: batch k starts at document k*b.
-      iterator.set_state({'next_index': start_step * local_batch})
-    return iterator
+        process_index=process_index, process_count=process_count))
 
   def eval_batches(self, batch_size: int, seq_len: int, num_tokens: int, *,
                    process_index: int = 0, process_count: int = 1
@@ -152,7 +130,7 @@ class Dataset:
     def rows(index):
       return iter(self._batches(
           self.eval_split, batch_size, seq_len, shuffle=False, seed=0,
-          process_index=index, process_count=process_count)[0])
+          process_index=index, process_count=process_count))
 
     own = rows(process_index)
     if self.packing:

@@ -4,10 +4,7 @@ read + tokenize -> pack (or pad each document) -> batch.
 Per process: the documents ``process_index::process_count`` of the split
 (disjoint shards), shuffled with ``seed`` differently each epoch (grain's
 ``shuffle`` then ``repeat`` folds the epoch into the seed), repeated forever.
-Everything runs in the calling thread by default (``num_threads=0``: no
-worker processes, no thread pool); ``num_threads`` reads and tokenizes
-documents in a thread pool, ``prefetch`` prepares that many batches ahead in
-a background thread. Neither changes the data or the iterator state.
+Everything runs in the calling thread: no worker processes, no thread pool.
 """
 
 from __future__ import annotations
@@ -70,7 +67,11 @@ class ReadAndTokenize:
 def document_indices(num_documents: int, *, shuffle: bool, seed: int,
                      process_index: int, process_count: int,
                      split: str) -> grain.MapDataset:
-  """This process's document indices in stream order (infinite)."""
+  """One epoch of this process's document indices, in stream order.
+
+  Its ``repeat()`` is the endless stream: index ``j`` past the first epoch
+  is document ``j mod len`` of a differently shuffled epoch.
+  """
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in '
                      f'[0, process_count={process_count}).')
@@ -81,10 +82,10 @@ def document_indices(num_documents: int, *, shuffle: bool, seed: int,
         f'{process_index} of {process_count}.')
   if shuffle:
     ds = ds.shuffle(seed % SEED_MOD)
-  return ds.repeat()
+  return ds
 
 
-def check_enough_tokens(indices: grain.MapDataset, tokenize: ReadAndTokenize,
+def check_enough_tokens(epoch: grain.MapDataset, tokenize: ReadAndTokenize,
                         needed: int, split: str, process_index: int,
                         process_count: int,
                         count: Callable[[np.ndarray], int] = len) -> None:
@@ -94,70 +95,32 @@ def check_enough_tokens(indices: grain.MapDataset, tokenize: ReadAndTokenize,
   Reads only as many documents as it takes (a handful for a real split).
   """
   total = 0
-  num_docs = _epoch_length(indices)
-  for j in range(num_docs):
-    total += count(tokenize(indices[j]))
+  for j in range(len(epoch)):
+    total += count(tokenize(epoch[j]))
     if total >= needed:
       return
   shard = (f' (the shard of process {process_index} of {process_count})'
            if process_count > 1 else '')
   raise SplitTooSmallError(
-      f'Split {split!r}{shard} has {total} tokens in {num_docs} documents, '
+      f'Split {split!r}{shard} has {total} tokens in {len(epoch)} documents, '
       f'fewer than one batch needs ({needed}); use a smaller batch or '
       f'sequence length, or a bigger split.')
 
 
-def _epoch_length(indices: grain.MapDataset) -> int:
-  """Documents per epoch of the (infinitely repeated) index data set."""
-  return len(indices.parents[0])
-
-
-def batches(indices: grain.MapDataset, tokenize: ReadAndTokenize, *,
-            batch_size: int, seq_len: int, pad: Optional[PadOrTruncate] = None,
-            num_threads: int = 0, prefetch: int = 0) -> grain.IterDataset:
-  """{'inputs', 'targets'}: int32 [batch_size, seq_len] batches.
+def batches(epoch: grain.MapDataset, tokenize: ReadAndTokenize, *,
+            batch_size: int, seq_len: int,
+            pad: Optional[PadOrTruncate] = None) -> grain.IterDataset:
+  """{'inputs', 'targets'}: int32 [batch_size, seq_len] batches, endless.
 
   Packed by default; with ``pad``, one document a row and a float32
   ``weights`` [batch_size, seq_len] loss mask.
   """
-  docs = indices.map(tokenize)
+  docs = epoch.repeat().map(tokenize)
   if pad is not None:
     docs = docs.map(pad)
-  read_options = grain.ReadOptions(
-      num_threads=num_threads,
-      prefetch_buffer_size=max(16, 4 * num_threads) if num_threads else 0)
-  ds = docs.to_iter_dataset(read_options)
+  # In the calling thread: grain's default reads with a pool of 16 threads.
+  ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=0,
+                                              prefetch_buffer_size=0))
   if pad is None:
     ds = PackIterDataset(ds, length=seq_len)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  if prefetch:
-    ds = grain.experimental.ThreadPrefetchIterDataset(
-        ds, prefetch_buffer_size=prefetch)
-  return ds
-
-
-def state_at_step(indices: grain.MapDataset, tokenize: ReadAndTokenize, *,
-                  step: int, batch_size: int, seq_len: int) -> dict[str, Any]:
-  """The iterator state after ``step`` batches, without building batches.
-
-  Batch k starts at token ``k * batch_size * seq_len`` of this process's
-  stream; this walks document lengths up to there. Lengths are cached by
-  document, and a document has the same length in every epoch, so it reads
-  at most one epoch of documents plus the documents of the target epoch.
-  """
-  position = step * batch_size * seq_len
-  per_epoch = _epoch_length(indices)
-  lengths: dict[int, int] = {}
-  cum, j, jumped = 0, 0, False
-  while True:
-    if j == per_epoch and not jumped:
-      jumped = True
-      epochs = position // cum  # cum: tokens in one epoch
-      cum, j = epochs * cum, epochs * per_epoch
-    doc = int(indices[j])
-    if doc not in lengths:
-      lengths[doc] = len(tokenize(doc))
-    if cum + lengths[doc] > position:
-      return {'parent': {'next_index': j}, 'offset': position - cum}
-    cum += lengths[doc]
-    j += 1
+  return ds.batch(batch_size, drop_remainder=True)

@@ -25,8 +25,8 @@ from etils import epath
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core import registered
-from tensorflow_datasets.core.utils import tqdm_utils
 
+from .. import compat
 from ..data import corpus
 from ..data.errors import DatasetNotPreparedError, UnknownDatasetError
 
@@ -81,7 +81,7 @@ class EmbeddedText(tfds.core.GeneratorBasedBuilder):
 @contextlib.contextmanager
 def _quiet():
   """No TFDS progress bars (restoring the previous setting after)."""
-  previous = getattr(tqdm_utils, '_active', True)
+  previous = compat.tfds_progress_bar_shown()
   tfds.display_progress_bar(False)
   try:
     yield
