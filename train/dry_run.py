@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+import scale_optax
 from . import mesh as mesh_lib
 from .config import Config
 from .optim import make_optimizer
@@ -44,8 +44,8 @@ def shard_shape(leaf: Any) -> tuple[int, ...]:
     spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
     shape = []
     for dim, axes in zip(leaf.shape, spec):
-      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-      parts = math.prod(sharding.mesh.shape[a] for a in axes)
+      parts = math.prod(sharding.mesh.shape[a]
+                        for a in mesh_lib.spec_axes(axes))
       shape.append(-(-dim // parts))
     return tuple(shape)
 
@@ -56,17 +56,9 @@ def per_device_bytes(tree: Any) -> int:
   Every leaf contributes its shard (the largest one if the split is uneven):
   a replicated leaf counts in full, a leaf split n ways counts 1/n.
   """
-  total = 0
-  for leaf in jax.tree.leaves(tree):
-    total += (int(np.prod(shard_shape(leaf), dtype=np.int64))
-              * np.dtype(leaf.dtype).itemsize)
-  return total
-
-
-def total_bytes(tree: Any) -> int:
-  """Bytes of one copy of every leaf (the global, unsharded size)."""
-  return sum(int(np.prod(leaf.shape, dtype=np.int64))
-             * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+  shards = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(shard_shape(leaf), leaf.dtype), tree)
+  return scale_optax.state_bytes(shards)
 
 
 def dry_run(config: Config) -> dict[str, Any]:
@@ -104,9 +96,10 @@ def dry_run(config: Config) -> dict[str, Any]:
       'param_bytes': per_device_bytes(setup.abstract_params),
       'opt_state_bytes': per_device_bytes(setup.abstract_opt_state),
       'batch_bytes': per_device_bytes(batch),
-      'param_bytes_total': total_bytes(setup.abstract_params),
-      'opt_state_bytes_total': total_bytes(setup.abstract_opt_state),
-      'batch_bytes_total': total_bytes(batch),
+      'param_bytes_total': scale_optax.state_bytes(setup.abstract_params),
+      'opt_state_bytes_total': scale_optax.state_bytes(
+          setup.abstract_opt_state),
+      'batch_bytes_total': scale_optax.state_bytes(batch),
       'temp_bytes': stat('temp_size_in_bytes'),
       'argument_bytes': stat('argument_size_in_bytes'),
       'output_bytes': stat('output_size_in_bytes'),

@@ -60,14 +60,12 @@ class TrainSetup:
     stored split (FSDP/ZeRO-3) but must be whole along that axis where it
     meets the activations; other axes (``tensor``) stay split.
     """
-    drop = _batch_mesh_axes(self.config)
+    drop = set(mesh_lib.spec_axes(mesh_lib.batch_axes(self.config.mesh)))
 
     def gathered(sharding: NamedSharding) -> NamedSharding:
       spec = []
       for axes in sharding.spec:
-        axes = () if axes is None else (axes,) if isinstance(axes, str) \
-            else tuple(axes)
-        kept = tuple(a for a in axes if a not in drop)
+        kept = tuple(a for a in mesh_lib.spec_axes(axes) if a not in drop)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
       return NamedSharding(self.mesh, PartitionSpec(*spec))
 
@@ -104,12 +102,6 @@ class TrainSetup:
   def init_opt_state(self, params: Params) -> Any:
     with jax.set_mesh(self.mesh):
       return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
-
-
-def _batch_mesh_axes(config: Config) -> set[str]:
-  axes = mesh_lib.batch_axes(config.mesh)
-  return set() if axes is None else {axes} if isinstance(axes, str) \
-      else set(axes)
 
 
 def _state_shardings(tx: optax.GradientTransformation, abstract_state: Any,

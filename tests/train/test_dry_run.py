@@ -17,10 +17,10 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import dist_test_util as du
+import scale_optax
 from train.__main__ import resolve_config_path
 from train.config import load_config
 from train.dry_run import format_report, per_device_bytes, shard_shape
-from train.dry_run import total_bytes
 from train.model import param_count
 
 ROWS = ('params', 'optimizer state', 'batch', 'step temporaries',
@@ -100,7 +100,7 @@ def test_per_device_bytes_of_even_and_uneven_shards():
   assert shard_shape(uneven) == (3, 6)
   tree = {'a': even, 'b': uneven, 'c': replicated}
   assert per_device_bytes(tree) == (12 + 18 + 5) * 4
-  assert total_bytes(tree) == (96 + 60 + 5) * 4
+  assert scale_optax.state_bytes(tree) == (96 + 60 + 5) * 4  # The totals.
 
 
 def test_format_report_without_memory_analysis():
