@@ -42,7 +42,7 @@ _GPU_PEAKS_TFLOPS: tuple[tuple[str, float], ...] = (
     (r'h200', 989.0),    # SXM.
     (r'a100', 312.0),
 )
-# TPU device kinds as jax reports them (jax._src.mesh_utils names them).
+# TPU device kinds as jax reports them (`Device.device_kind`, lower-cased).
 _TPU_PEAKS_TFLOPS: dict[str, float] = {
     'tpu v4': 275.0,
     'tpu v5 lite': 197.0,
