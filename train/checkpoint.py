@@ -66,7 +66,8 @@ class CheckpointCorruptError(CheckpointError):
 
 
 class CheckpointMismatchError(CheckpointError):
-  """A checkpoint holds other shapes or paths than this run (another model)."""
+  """A checkpoint holds other shapes or paths than this run (another model),
+  or was saved by another number of processes."""
 
 
 def _damage(e: Optional[BaseException]) -> Optional[BaseException]:
