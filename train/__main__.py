@@ -1,4 +1,9 @@
-"""``python -m train [--config configs/NAME.yaml] [key=value ...]``."""
+"""``python -m train [--config configs/NAME.yaml] [key=value ...]``.
+
+Exit codes (:mod:`train.errors`): 0 done, 2 a bad config or argument, 1 a
+run error (bad data, tokenizer or checkpoint, a diverged run); each error is
+one line on stderr.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .config import resolve_config_path
+from .config import load_config, resolve_config_path
+from .errors import cli
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -30,39 +36,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def _run_errors() -> tuple[type[Exception], ...]:
-  from . import data  # pylint: disable=g-import-not-at-top
-  from .checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from .hf_llama import HFFormatError  # pylint: disable=g-import-not-at-top
-  from .loop import TrainingError  # pylint: disable=g-import-not-at-top
-  # OSError: a missing tokenizer file, an unwritable data_dir or run_dir, a
-  # full disk; the message names the file.
-  return (CheckpointError, TrainingError, HFFormatError,
-          data.UnknownDatasetError,
-          data.DatasetNotPreparedError, data.TokenizerError,
-          data.SplitTooSmallError, OSError)
-
-
+@cli
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
-  run_errors = _run_errors()
-  from .config import ConfigError, load_config  # pylint: disable=g-import-not-at-top
-  try:
-    config = load_config(resolve_config_path(args.config), args.overrides)
-    if args.dry_run:
-      from .dry_run import dry_run, format_report  # pylint: disable=g-import-not-at-top
-      from .recipe import describe  # pylint: disable=g-import-not-at-top
-      print(describe(config, resolve_config_path(args.config)))
-      print(format_report(config, dry_run(config)))
-    else:
-      from .loop import train  # pylint: disable=g-import-not-at-top
-      train(config, resume=args.resume)
-  except ConfigError as e:
-    print(f'config error: {e}', file=sys.stderr)
-    return 2
-  except run_errors as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  config = load_config(resolve_config_path(args.config), args.overrides)
+  if args.dry_run:
+    from .dry_run import dry_run, format_report  # pylint: disable=g-import-not-at-top
+    from .recipe import describe  # pylint: disable=g-import-not-at-top
+    print(describe(config, resolve_config_path(args.config)))
+    print(format_report(config, dry_run(config)))
+  else:
+    from .loop import train  # pylint: disable=g-import-not-at-top
+    train(config, resume=args.resume)
   return 0
 
 

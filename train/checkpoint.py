@@ -47,6 +47,8 @@ from scale_optax import path_str
 from . import distributed
 from .integrity import MANIFEST, ManifestTemporaryPath, verify_manifest
 
+from .errors import RunError
+
 log = logging.getLogger(__name__)
 
 # What reading a damaged or incomplete checkpoint raises: TensorStore reports
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 _DAMAGE_ERRORS = (OSError, ValueError)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
   """A checkpoint could not be restored; the message names its step."""
 
 

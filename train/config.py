@@ -17,10 +17,11 @@ from typing import Any, Optional, Union
 import yaml
 
 from . import rivals_config
+from .errors import UsageError
 
 
-class ConfigError(ValueError):
-  """A bad config: the message names the key (``section.key``)."""
+class ConfigError(UsageError, ValueError):
+  """A bad config: the message names the key (``section.key``); exit code 2."""
 
 
 @dataclasses.dataclass(frozen=True)

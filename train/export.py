@@ -38,11 +38,12 @@ import numpy as np
 
 from . import hf_llama
 from .config import ConfigError, Config, ModelConfig, load_config
+from .errors import RunError, cli
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
-class ExportError(RuntimeError):
+class ExportError(RunError):
   """The export cannot be made (one line naming the culprit)."""
 
 
@@ -310,17 +311,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   return args
 
 
+@cli
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   # Orbax warns that a checkpoint's item folder has no step metadata: it
   # lives one level up, where the trainer's CheckpointManager wrote it.
   logging.getLogger('absl').setLevel(logging.ERROR)
-  try:
-    out = export_run(args.run_dir, args.out, args.step, args.dtype,
-                     args.max_shard_bytes, args.tokenizer)
-  except (ExportError, hf_llama.HFFormatError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  out = export_run(args.run_dir, args.out, args.step, args.dtype,
+                   args.max_shard_bytes, args.tokenizer)
   print(f'exported {args.run_dir} to {out}')
   return 0
 

@@ -48,9 +48,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .config import ModelConfig
+from .errors import RunError
 
 
-class HFFormatError(RuntimeError):
+class HFFormatError(RunError):
   """A Hugging Face directory that does not hold this model (one line)."""
 
 

@@ -31,6 +31,7 @@ from . import perf
 from .checkpoint import Checkpointer, set_aside
 from .config import Config, to_dict
 from .diagnostics import make_gradient_variance
+from .errors import RunError
 from .metrics import MetricsWriter, plot_losses
 from .model import attention_implementation, param_count
 from .optim import make_optimizer
@@ -41,7 +42,7 @@ from .step import make_eval_step, make_train_step
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError):
   """The run cannot go on (e.g. too many consecutive non-finite steps)."""
 
 

@@ -14,6 +14,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from .config import Config, load_config
+from .errors import cli
 
 SIZES = ('60m', '130m', '350m', '1b', '7b')
 
@@ -150,6 +151,7 @@ def markdown_table(sizes: Sequence[str] = SIZES) -> str:
       + ').'])
 
 
+@cli
 def main(argv: Optional[Sequence[str]] = None) -> int:
   del argv
   print(markdown_table())

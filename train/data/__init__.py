@@ -17,14 +17,15 @@ Stages, one module each: ``corpus`` (the embedded text), ``tfds_source``
 
 from ..data.baseline import token_counts, unigram_perplexity
 from ..data.dataset import Batch, Dataset, prepare, tokenizer_path
-from ..data.errors import (DatasetNotPreparedError, SplitTooSmallError,
-                               TokenizerError, UnknownDatasetError)
+from ..data.errors import (DatasetNotPreparedError, FeatureNotFoundError,
+                           SplitNotFoundError, SplitTooSmallError,
+                           TokenizerError, UnknownDatasetError)
 from ..data.tfds_source import EmbeddedText, open_builder
 from ..data.tokenizer import Tokenizer
 
 __all__ = [
     'Batch', 'Dataset', 'DatasetNotPreparedError', 'EmbeddedText',
-    'SplitTooSmallError', 'Tokenizer', 'TokenizerError',
+    'FeatureNotFoundError', 'SplitNotFoundError', 'SplitTooSmallError', 'Tokenizer', 'TokenizerError',
     'UnknownDatasetError', 'open_builder', 'prepare', 'token_counts',
     'tokenizer_path', 'unigram_perplexity',
 ]

@@ -16,7 +16,8 @@ import tensorflow_datasets as tfds
 from ..data import pipeline
 from ..data import tfds_source
 from ..data import tokenizer as tokenizer_lib
-from ..data.errors import TokenizerError, UnknownDatasetError
+from ..data.errors import (FeatureNotFoundError, TokenizerError,
+                           UnknownDatasetError)
 from ..data.tokenizer import Tokenizer
 
 # {'inputs', 'targets'}: int32 [B, L]; unpacked data adds 'weights' float32.
@@ -185,14 +186,14 @@ def prepare(config, vocab_size: int) -> Dataset:
   under ``config.data_dir`` and needs ``config.tokenizer``.
   """
   builder = tfds_source.open_builder(config.name, config.data_dir)
-  splits = list(dict.fromkeys([config.train_split, config.eval_split]))
-  sources = tfds_source.data_sources(builder, splits)
   features = builder.info.features
   if config.text_key not in features:
-    raise ValueError(
+    raise FeatureNotFoundError(
         f'data.text_key={config.text_key!r} is not a feature of data set '
         f'{config.name!r} ({builder.info.full_name} under {config.data_dir}); '
         f'it has {sorted(features.keys())}.')
+  splits = list(dict.fromkeys([config.train_split, config.eval_split]))
+  sources = tfds_source.data_sources(builder, splits)
   embedded = isinstance(builder, tfds_source.EmbeddedText)
   if config.tokenizer:
     tokenizer = tokenizer_lib.load(config.tokenizer, vocab_size)

@@ -28,7 +28,8 @@ from tensorflow_datasets.core import registered
 
 from .. import compat
 from ..data import corpus
-from ..data.errors import DatasetNotPreparedError, UnknownDatasetError
+from ..data.errors import (DatasetNotPreparedError, SplitNotFoundError,
+                           UnknownDatasetError)
 
 EMBEDDED = 'embedded'  # DataConfig.name of the embedded data set
 
@@ -194,7 +195,8 @@ def data_sources(builder: tfds.core.DatasetBuilder,
   available = list(builder.info.splits.keys())
   for split in splits:
     if split not in builder.info.splits:
-      raise ValueError(
+      raise SplitNotFoundError(
           f'Split {split!r} not found in data set {builder.info.full_name!r} '
-          f'under {builder.data_dir}; it has {available}.')
+          f'under {builder.data_dir}; it has {available}: set data.train_split '
+          f'and data.eval_split to splits it has.')
   return builder.as_data_source(split={s: s for s in splits})

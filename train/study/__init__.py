@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any, Optional, Sequence
 
-from ..config import ConfigError, to_dict
+from ..config import to_dict
+from ..errors import UsageError, cli
 
 # The package's API, from one module per stage (see each module).
 from .config import (DEFAULT_CONFIG, QUICK_CONFIG, RunSpec,
@@ -149,23 +149,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+@cli
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   if args.quick and args.config:
-    print('error: give either --quick or --config', file=sys.stderr)
-    return 2
+    raise UsageError('give either --quick or --config')
   if args.jobs < 1:
-    print(f'error: --jobs must be >= 1, got {args.jobs}', file=sys.stderr)
-    return 2
+    raise UsageError(f'--jobs must be >= 1, got {args.jobs}')
   path = QUICK_CONFIG if args.quick else (args.config or DEFAULT_CONFIG)
   say = lambda *a: print(time.strftime('%H:%M:%S'), *a, flush=True)
-  try:
-    study = load_study(path)
-    if args.report_only:
-      write_report(study, say=say)
-      return 0
-    outcome = run_study(study, jobs=args.jobs, say=say)
-  except ConfigError as e:
-    print(f'study config error: {e}', file=sys.stderr)
-    return 2
+  study = load_study(path)
+  if args.report_only:
+    write_report(study, say=say)
+    return 0
+  outcome = run_study(study, jobs=args.jobs, say=say)
   return 1 if outcome['errors'] or outcome['stopped'] else 0
