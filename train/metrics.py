@@ -60,7 +60,17 @@ class MetricsWriter:
 
 
 def read_records(path: pathlib.Path) -> list[dict[str, Any]]:
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
+  """The records of ``metrics.jsonl``, in order. A last line that does not
+  parse is one being written (or torn by a killed process): left out."""
+  lines = [line for line in path.read_text().splitlines() if line]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise
+  return records
 
 
 def plot_losses(metrics_path: pathlib.Path, out_path: pathlib.Path,

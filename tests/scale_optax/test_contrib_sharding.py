@@ -7,14 +7,13 @@ imported, so the check runs in a fresh interpreter.
 """
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+import harness
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(os.path.dirname(_HERE))
 
 _CODE = textwrap.dedent(r'''
     import jax
@@ -24,7 +23,7 @@ _CODE = textwrap.dedent(r'''
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     from scale_optax import contrib
-    import scale_test_util as tu
+    import scale_test_util as tu  # tests/scale_optax: on PYTHONPATH
 
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((2, 4), ('a', 'b'), axis_types=(AxisType.Auto,) * 2)
@@ -86,13 +85,6 @@ _CODE = textwrap.dedent(r'''
 
 @pytest.mark.slow  # 86 s of CPU for the twelve compiles; run with -m slow.
 def test_contrib_sharded_jit_matches_unsharded():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      ' --xla_force_host_platform_device_count=8').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = os.pathsep.join(
-      [_REPO, _HERE] + [p for p in [env.get('PYTHONPATH')] if p])
-  proc = subprocess.run([sys.executable, '-c', _CODE], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+  proc = harness.run_python(_CODE, devices=8, paths=[_HERE], timeout=600)
+  assert proc.rc == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   assert proc.stdout.count('SHARDED_OK') == 6, proc.stdout

@@ -8,12 +8,13 @@ Usage in a test::
   with TrainProcess(cfg.args(steps=40)) as proc:
     proc.wait_for_step(12)
     proc.kill()                          # SIGKILL
-  done = run_train(cfg.args(steps=40))   # resumes, runs to the end
+  done = harness.run_train(cfg.args(steps=40))   # resumes, to the end
   assert done.rc == 0, done.stderr
 
-Every subprocess gets a deadline and is killed when its ``with`` block ends,
-whatever happens. The subprocesses share a JAX persistent compilation cache
-(``jax_cache``), so only the first run of a test session compiles.
+Every subprocess (started by ``harness``) gets a deadline and is killed when
+its ``with`` block ends, whatever happens. The subprocesses share a JAX
+persistent compilation cache (``jax_cache``), so only the first run of a test
+session compiles.
 
 Run as a script, this file is the child process with faults the trainer has
 no hook for (the production code has none)::
@@ -32,9 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
-import re
 import signal
 import subprocess
 import sys
@@ -43,86 +42,40 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+import harness
+
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
-DEFAULT_DEADLINE_S = 240.0
 
 
 # ---------------------------------------------------------------- the runs --
 
+# The fault runs' schedule, on top of the harness's small model.
+SCHEDULE = {'train.steps': 30, 'train.checkpoint_every': 5,
+            'train.keep_checkpoints': 2, 'train.eval_every': 1000}
+
+
 @dataclasses.dataclass
 class TinyRun:
-  """A small configuration of the tiny config, in ``run_dir``.
+  """The harness's small model on :data:`SCHEDULE`, in ``run_dir``.
 
-  ``args(**overrides)`` gives the command-line arguments; keyword overrides
-  use ``section__key=value`` or a plain ``key`` of the ``train`` section.
+  ``args(*flags, **overrides)`` gives the command-line arguments; keyword
+  overrides use ``section__key=value`` or a plain ``key`` of the ``train``
+  section.
   """
   run_dir: pathlib.Path
   data_dir: pathlib.Path
-  base: dict[str, Any] = dataclasses.field(default_factory=lambda: {
-      'model.d_model': 64, 'model.n_layers': 2, 'model.n_heads': 4,
-      'model.d_ff': 176, 'model.vocab_size': 512, 'data.seq_len': 64,
-      'data.batch_size': 8, 'train.steps': 30, 'train.log_every': 1,
-      'train.checkpoint_every': 5, 'train.keep_checkpoints': 2,
-      'train.eval_every': 1000, 'train.eval_tokens': 1024,
-      'train.progress': False,
-  })
-
-  def overrides(self, **kw: Any) -> dict[str, Any]:
-    values = dict(self.base)
-    values['train.run_dir'] = str(self.run_dir)
-    values['data.data_dir'] = str(self.data_dir)
-    for key, value in kw.items():
-      key = key.replace('__', '.') if '__' in key else f'train.{key}'
-      values[key] = value
-    return values
 
   def args(self, *flags: str, **kw: Any) -> list[str]:
-    values = self.overrides(**kw)
-    return list(flags) + [f'{k}={_yaml(v)}' for k, v in values.items()]
+    values = dict(SCHEDULE)
+    for key, value in kw.items():
+      values[key.replace('__', '.') if '__' in key else f'train.{key}'] = value
+    return list(flags) + harness.small_args(
+        self.run_dir, self.data_dir,
+        *(harness.override(k, v) for k, v in values.items()))
 
   @property
   def checkpoints(self) -> pathlib.Path:
     return self.run_dir / 'checkpoints'
-
-
-def _yaml(value: Any) -> str:
-  if isinstance(value, bool):
-    return 'true' if value else 'false'
-  if value is None:
-    return 'null'
-  return str(value)
-
-
-def env(jax_cache: Optional[pathlib.Path] = None) -> dict[str, str]:
-  """The subprocess environment: CPU, the repository importable, and a
-  persistent compilation cache shared by the runs of a test session."""
-  e = dict(os.environ)
-  e['PYTHONPATH'] = os.pathsep.join(
-      [str(REPO)] + [p for p in [e.get('PYTHONPATH')] if p])
-  e['JAX_PLATFORMS'] = 'cpu'
-  e['PYTHONUNBUFFERED'] = '1'
-  e['TF_CPP_MIN_LOG_LEVEL'] = '3'
-  if jax_cache is not None:
-    e['JAX_COMPILATION_CACHE_DIR'] = str(jax_cache)
-    e['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-    e['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
-  return e
-
-
-@dataclasses.dataclass
-class Result:
-  rc: int
-  stdout: str
-  stderr: str
-
-  def last_stderr_line(self) -> str:
-    lines = [l for l in self.stderr.splitlines() if l.strip()]
-    return lines[-1] if lines else ''
-
-  def resumed_from(self) -> Optional[int]:
-    m = re.search(r'^resumed from step (\d+)', self.stdout, re.M)
-    return int(m.group(1)) if m else None
 
 
 class TrainProcess:
@@ -135,31 +88,26 @@ class TrainProcess:
 
   def __init__(self, args: Sequence[str], *, slow_save: float = 0.0,
                jax_cache: Optional[pathlib.Path] = None,
-               log_dir: Optional[pathlib.Path] = None,
-               deadline_s: float = DEFAULT_DEADLINE_S):
+               deadline_s: float = harness.DEFAULT_TIMEOUT):
     if slow_save:
-      cmd = [sys.executable, str(pathlib.Path(__file__).resolve()),
-             '--slow-save', str(slow_save), '--', *args]
+      argv = [pathlib.Path(__file__).resolve(), '--slow-save', slow_save,
+              '--', *args]
     else:
-      cmd = [sys.executable, '-m', 'train', *args]
-    self.cmd = cmd
+      argv = ['-m', 'train', *args]
     self.run_dir = _arg(args, 'train.run_dir')
     self.start_ns = time.time_ns()
-    self._stale_metrics_inode = (
-        _inode(pathlib.Path(self.run_dir) / 'metrics.jsonl')
-        if self.run_dir else None)
+    self._stale_metrics_inode = _inode(
+        pathlib.Path(self.run_dir) / 'metrics.jsonl')
     self.deadline = time.monotonic() + deadline_s
-    log_dir = pathlib.Path(log_dir or self.run_dir or '.')
-    log_dir.mkdir(parents=True, exist_ok=True)
     stamp = f'{time.time_ns()}'
-    self._out_path = log_dir / f'.proc-{stamp}.out'
-    self._err_path = log_dir / f'.proc-{stamp}.err'
+    self._out_path = pathlib.Path(self.run_dir) / f'.proc-{stamp}.out'
+    self._err_path = pathlib.Path(self.run_dir) / f'.proc-{stamp}.err'
+    self._out_path.parent.mkdir(parents=True, exist_ok=True)
     self._out = self._out_path.open('w')
     self._err = self._err_path.open('w')
-    self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(jax_cache),
-                                 stdout=self._out, stderr=self._err,
-                                 stdin=subprocess.DEVNULL)
-    self.result: Optional[Result] = None
+    self.proc = harness.start(argv, jax_cache=jax_cache, stdout=self._out,
+                              stderr=self._err)
+    self.result: Optional[harness.Result] = None
 
   def __enter__(self) -> 'TrainProcess':
     return self
@@ -202,7 +150,7 @@ class TrainProcess:
     def check():
       if _inode(path) in (None, self._stale_metrics_inode):
         return None
-      steps = [r['step'] for r in read_records(path) if r['kind'] == 'train']
+      steps = [r['step'] for r in harness.records(self.run_dir, 'train')]
       return steps[-1] if steps and steps[-1] >= step else None
     return self._poll_until(f'step {step}', check)
 
@@ -233,7 +181,7 @@ class TrainProcess:
   def kill(self, sig: int = signal.SIGKILL) -> None:
     self.proc.send_signal(sig)
 
-  def wait(self, timeout: Optional[float] = None) -> Result:
+  def wait(self, timeout: Optional[float] = None) -> harness.Result:
     if self.result is None:
       timeout = max(1.0, self._remaining()) if timeout is None else timeout
       try:
@@ -243,18 +191,11 @@ class TrainProcess:
         rc = self.proc.wait(timeout=60)
       self._out.close()
       self._err.close()
-      self.result = Result(rc, self._out_path.read_text(),
-                           self._err_path.read_text())
+      self.result = harness.Result(rc, self._out_path.read_text(),
+                                   self._err_path.read_text())
       self._out_path.unlink(missing_ok=True)
       self._err_path.unlink(missing_ok=True)
     return self.result
-
-
-def run_train(args: Sequence[str], *, timeout: float = DEFAULT_DEADLINE_S,
-              **kw: Any) -> Result:
-  """Runs ``python -m train ARGS`` to the end (killed after ``timeout``)."""
-  with TrainProcess(args, deadline_s=timeout, **kw) as proc:
-    return proc.wait()
 
 
 def _inode(path: pathlib.Path) -> Optional[int]:
@@ -262,13 +203,6 @@ def _inode(path: pathlib.Path) -> Optional[int]:
     return path.stat().st_ino
   except FileNotFoundError:
     return None
-
-
-def prepare_data(data_dir: pathlib.Path, vocab_size: int = 512) -> None:
-  """Builds the embedded data set and its tokenizer under ``data_dir``."""
-  from train import data  # pylint: disable=g-import-not-at-top
-  from train.config import DataConfig  # pylint: disable=g-import-not-at-top
-  data.prepare(DataConfig(data_dir=str(data_dir)), vocab_size)
 
 
 def _arg(args: Sequence[str], key: str) -> Optional[str]:
@@ -279,30 +213,6 @@ def _arg(args: Sequence[str], key: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------- reading --
-
-def read_records(path: pathlib.Path) -> list[dict[str, Any]]:
-  """metrics.jsonl records (a torn last line, mid-write, is skipped)."""
-  try:
-    text = path.read_text()
-  except FileNotFoundError:
-    return []
-  out = []
-  for line in text.splitlines():
-    try:
-      out.append(json.loads(line))
-    except ValueError:
-      pass
-  return out
-
-
-def train_losses(run_dir: pathlib.Path) -> dict[int, float]:
-  """step -> train loss, from metrics.jsonl (each step once)."""
-  records = [r for r in read_records(pathlib.Path(run_dir) / 'metrics.jsonl')
-             if r['kind'] == 'train']
-  steps = [r['step'] for r in records]
-  assert len(steps) == len(set(steps)), f'steps logged twice: {steps}'
-  return {r['step']: r['loss'] for r in records}
-
 
 def committed_steps(ckpt_dir: pathlib.Path) -> list[int]:
   if not ckpt_dir.is_dir():
@@ -406,7 +316,6 @@ def _child(argv: Sequence[str]) -> int:
   parser.add_argument('rest', nargs=argparse.REMAINDER)
   ns = parser.parse_args(argv)
   rest = ns.rest[1:] if ns.rest[:1] == ['--'] else ns.rest
-  sys.path.insert(0, str(REPO))
   if ns.slow_save:
     _install_slow_save(ns.slow_save)
   from train.__main__ import main  # pylint: disable=g-import-not-at-top

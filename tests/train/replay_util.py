@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-import dist_test_util as du
+import harness
 from train.config import Config, load_config
 from train.model import Llama, loss_fn
 from train.optim import make_optimizer
@@ -27,7 +27,7 @@ Batch = dict[str, np.ndarray]
 
 def cli_config(*overrides: str) -> Config:
   """The config ``python -m train`` builds: configs/tiny.yaml + overrides."""
-  return load_config(du.REPO / 'configs' / 'tiny.yaml', list(overrides))
+  return load_config(harness.REPO / 'configs' / 'tiny.yaml', list(overrides))
 
 
 def process_batches(config: Config, dataset: Any, steps: int,
@@ -98,11 +98,11 @@ def assert_run_matches_replay(run_dir, config: Config, dataset: Any,
         'the processes read overlapping rows')
   losses, norms, eval_loss = replay(config, [concat(p) for p in train],
                                     [concat(p) for p in evals])
-  records = du.records(run_dir, 'train')
+  records = harness.records(run_dir, 'train')
   assert [r['step'] for r in records] == list(range(1, len(losses) + 1))
   np.testing.assert_allclose([r['loss'] for r in records], losses, rtol=rtol)
   np.testing.assert_allclose([r['grad_norm'] for r in records], norms,
                              rtol=rtol)
-  evaluation = du.records(run_dir, 'eval')[-1]
+  evaluation = harness.records(run_dir, 'eval')[-1]
   assert evaluation['step'] == config.train.steps
   np.testing.assert_allclose(evaluation['loss'], eval_loss, rtol=rtol)

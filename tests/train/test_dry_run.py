@@ -7,8 +7,6 @@ parameters plus the (replicated) norm scales.
 """
 
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import dist_test_util as du
+import harness
 import scale_optax
 from train.__main__ import resolve_config_path
 from train.config import load_config
@@ -48,14 +46,11 @@ def parse_table(output: str) -> dict[str, dict[str, float]]:
 
 @pytest.fixture(scope='module')
 def tiny_fsdp8(tmp_path_factory):
-  cache = du.compile_cache_dir(tmp_path_factory)
-  proc = subprocess.run(
-      [sys.executable, '-m', 'train', '--dry-run', 'mesh.fsdp=8'],
-      cwd=du.REPO, env=du.subprocess_env(8, cache), capture_output=True,
-      text=True, timeout=du.DEFAULT_TIMEOUT)
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 0, out[-4000:]
-  return out
+  cache = harness.compile_cache_dir(tmp_path_factory)
+  res = harness.run_train(['--dry-run', 'mesh.fsdp=8'], devices=8,
+                          jax_cache=cache)
+  assert res.rc == 0, res.output[-4000:]
+  return res.output
 
 
 def test_dry_run_table_for_tiny_on_8_devices(tiny_fsdp8):

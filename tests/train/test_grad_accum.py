@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-import dist_test_util as du
+import harness
 from train import mesh as mesh_lib
 from train.config import ConfigError, load_config
 from train.dry_run import dry_run, format_report
@@ -87,7 +87,8 @@ _SCRIPT = textwrap.dedent(r'''
 
 @pytest.mark.slow  # Four compiles on 8 simulated devices in a subprocess.
 def test_micro_batches_on_a_sharded_mesh_equal_one_batch():
-  out = du.last_json_line(du.run_python(_SCRIPT, devices=8))
+  out = harness.last_json_line(harness.run_python(_SCRIPT,
+                                                  devices=8).check())
   assert len(out['losses']) == STEPS
 
 

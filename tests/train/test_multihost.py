@@ -18,14 +18,13 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-import dist_test_util as du
+import harness
 import replay_util as ru
 from train import data as data_lib
 from train import distributed
@@ -155,15 +154,15 @@ STEPS = ('train.steps=5', 'train.eval_every=5', 'train.checkpoint_every=3')
 
 def _start_two_processes(run_dir, data_dir, cache_dir, *args):
   """Starts ``python -m train`` as processes 0 and 1 of one run."""
-  port = du.free_loopback_port()
+  port = harness.free_loopback_port()
   procs = []
   for i in range(2):
-    cmd = [sys.executable, '-m', 'train', *du.SMALL, *args,
-           f'data.data_dir={data_dir}', f'train.run_dir={run_dir}',
-           f'distributed.coordinator_address=127.0.0.1:{port}',
-           'distributed.num_processes=2', f'distributed.process_id={i}']
-    procs.append(subprocess.Popen(
-        cmd, cwd=du.REPO, env=du.subprocess_env(4, cache_dir),
+    args_i = harness.small_args(
+        run_dir, data_dir, *args,
+        f'distributed.coordinator_address=127.0.0.1:{port}',
+        'distributed.num_processes=2', f'distributed.process_id={i}')
+    procs.append(harness.start(
+        ['-m', 'train', *args_i], devices=4, jax_cache=cache_dir,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   return procs
 
@@ -194,7 +193,7 @@ def two_process_run(tmp_path_factory):
 
   Returns the run directory, the data directory and the two outputs.
   """
-  cache_dir = du.compile_cache_dir(tmp_path_factory)
+  cache_dir = harness.compile_cache_dir(tmp_path_factory)
   root = tmp_path_factory.mktemp('two_processes')
   # A fresh data directory: process 0 prepares it while process 1 waits.
   data_dir = root / 'data'
@@ -210,12 +209,12 @@ def test_two_processes_train_and_checkpoint(two_process_run):
   assert 'summary:' in outs[0] and 'summary:' not in outs[1]
 
   # Process 0 alone wrote each record once; the batch is the global batch.
-  train_records = du.records(straight, 'train')
+  train_records = harness.records(straight, 'train')
   assert [r['step'] for r in train_records] == [1, 2, 3, 4, 5]
   assert [r['tokens'] for r in train_records] == [512 * s for s in range(1, 6)]
-  loss = du.losses(straight)
+  loss = harness.losses(straight)
   assert all(np.isfinite(v) and 4 < v < 8 for v in loss.values()), loss
-  (evaluation,) = du.records(straight, 'eval')
+  (evaluation,) = harness.records(straight, 'eval')
   assert evaluation['eval_tokens'] == 2 * 8 * 64  # 2 global batches of 8x64.
 
   # Every process saved its part: sharded arrays and its data position.
@@ -234,8 +233,8 @@ def test_each_process_reads_its_own_part_of_every_batch(two_process_run):
   global batch the run trained and evaluated on: the run's losses, gradient
   norms and eval loss equal a one-device replay on the two pipelines' rows."""
   straight, data_dir, _ = two_process_run
-  config = ru.cli_config(*du.SMALL, *STEPS, f'data.data_dir={data_dir}')
-  dataset = data_lib.prepare(config.data, du.VOCAB)
+  config = ru.cli_config(*harness.small_args(straight, data_dir), *STEPS)
+  dataset = data_lib.prepare(config.data, harness.VOCAB)
   ru.assert_run_matches_replay(straight, config, dataset, processes=2)
 
 
@@ -243,9 +242,9 @@ def test_each_process_reads_its_own_part_of_every_batch(two_process_run):
 def test_two_processes_resume_on_another_mesh(two_process_run, tmp_path,
                                               tmp_path_factory):
   straight, data_dir, _ = two_process_run
-  cache_dir = du.compile_cache_dir(tmp_path_factory)
-  loss = du.losses(straight)
-  (evaluation,) = du.records(straight, 'eval')
+  cache_dir = harness.compile_cache_dir(tmp_path_factory)
+  loss = harness.losses(straight)
+  (evaluation,) = harness.records(straight, 'eval')
   # Both processes killed after step 3's checkpoint: restart them, on a mesh
   # with tensor parallelism across the two processes.
   resumed = tmp_path / 'resumed'
@@ -254,11 +253,11 @@ def test_two_processes_resume_on_another_mesh(two_process_run, tmp_path,
   outs = _two_processes(resumed, data_dir, cache_dir, 'mesh.data=2',
                         'mesh.fsdp=2', 'mesh.tensor=2')
   assert 'resumed from step 3' in outs[0]
-  again = du.losses(resumed)
+  again = harness.losses(resumed)
   assert sorted(again) == [1, 2, 3, 4, 5]
   np.testing.assert_allclose([again[s] for s in (4, 5)],
                              [loss[s] for s in (4, 5)], rtol=2e-5)
-  (evaluation_again,) = du.records(resumed, 'eval')
+  (evaluation_again,) = harness.records(resumed, 'eval')
   np.testing.assert_allclose(evaluation_again['loss'], evaluation['loss'],
                              rtol=2e-5)
 
@@ -266,16 +265,15 @@ def test_two_processes_resume_on_another_mesh(two_process_run, tmp_path,
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(
     tmp_path_factory, tmp_path):
-  cache_dir = du.compile_cache_dir(tmp_path_factory)
-  data_dir = du.shared_data_dir(tmp_path_factory)
+  cache_dir = harness.compile_cache_dir(tmp_path_factory)
+  data_dir = harness.shared_data_dir(tmp_path_factory)
   run_dir = tmp_path / 'run'
   procs = _start_two_processes(
       run_dir, data_dir, cache_dir, 'train.steps=10000',
       'train.eval_every=10000', 'train.checkpoint_every=10000',
       'train.log_every=1', 'train.progress=false')
   deadline = time.monotonic() + 180
-  while not (run_dir / 'metrics.jsonl').exists() or \
-      len(du.records(run_dir)) < 3:
+  while len(harness.records(run_dir, 'train')) < 3:
     assert time.monotonic() < deadline and all(
         p.poll() is None for p in procs), 'the run did not reach step 3'
     time.sleep(0.2)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import faults_util as fu
+import harness
 from train.__main__ import main as cli_main
 
 STEPS = 40  # checkpoint_every 5, keep 2
@@ -34,7 +35,7 @@ def dirs(tmp_path_factory):
   cache for every subprocess of the session."""
   base = tmp_path_factory.getbasetemp()
   data_dir, jax_cache = base / 'faults_data', base / 'faults_jax_cache'
-  fu.prepare_data(data_dir)
+  harness.prepare_data(data_dir)
   return data_dir, jax_cache
 
 
@@ -43,7 +44,7 @@ def reference(tmp_path_factory, dirs):
   """An uninterrupted run of STEPS steps."""
   data_dir, jax_cache = dirs
   cfg = fu.TinyRun(tmp_path_factory.mktemp('reference'), data_dir)
-  res = fu.run_train(cfg.args(steps=STEPS), jax_cache=jax_cache)
+  res = harness.run_train(cfg.args(steps=STEPS), jax_cache=jax_cache)
   assert res.rc == 0, res.stderr[-3000:]
   return cfg
 
@@ -62,7 +63,7 @@ def _summary(cfg):
 
 def _assert_same_run(run, reference):
   """Same train loss at every step and the same final state, bitwise."""
-  got, want = fu.train_losses(run.run_dir), fu.train_losses(reference.run_dir)
+  got, want = harness.losses(run.run_dir), harness.losses(reference.run_dir)
   assert sorted(got) == list(range(1, STEPS + 1))
   differ = [s for s in want if got[s] != want[s]]
   assert not differ, f'loss differs at steps {differ}'
@@ -142,7 +143,7 @@ def test_killed_signalled_and_corrupted_run_ends_bitwise_equal(
   # sets it aside and falls back to the one before.
   bad, good = steps[-1], steps[-2]
   fu.flip_bytes(fu.data_files(cfg.checkpoints / str(bad))[0])
-  res = fu.run_train(args, jax_cache=jax_cache)
+  res = harness.run_train(args, jax_cache=jax_cache)
   assert res.rc == 0, res.stderr[-3000:]
   assert res.resumed_from() == good
   assert f'warning: checkpoint at step {bad} ' in res.stderr
@@ -162,7 +163,7 @@ def test_many_random_sigkills_end_bitwise_equal(tmp_path, dirs, reference,
   args = cfg.args(steps=STEPS)
   for i in range(6):
     committed = fu.committed_steps(cfg.checkpoints)
-    last = fu.train_losses(cfg.run_dir) if cfg.run_dir.exists() else {}
+    last = harness.losses(cfg.run_dir) if cfg.run_dir.exists() else {}
     if last and max(last) >= STEPS - 5:
       break
     with fu.TrainProcess(args, jax_cache=jax_cache,
@@ -175,7 +176,7 @@ def test_many_random_sigkills_end_bitwise_equal(tmp_path, dirs, reference,
       proc.kill()
       res = proc.wait()
     assert res.resumed_from() == (committed[-1] if committed else None)
-  res = fu.run_train(args, jax_cache=jax_cache)
+  res = harness.run_train(args, jax_cache=jax_cache)
   assert res.rc == 0, res.stderr[-3000:]
   _assert_same_run(cfg, reference)
 
@@ -187,7 +188,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_last_good_state(
   stops the run (exit 1, one line) with the last good state saved."""
   data_dir, jax_cache = dirs
   cfg = fu.TinyRun(tmp_path / 'run', data_dir)
-  res = fu.run_train(cfg.args(
+  res = harness.run_train(cfg.args(
       steps=20, checkpoint_every=1, keep_checkpoints=100,
       max_consecutive_skips=3, optimizer__learning_rate='1e30',
       optimizer__warmup_ratio=0), jax_cache=jax_cache)
@@ -195,8 +196,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_last_good_state(
   line = res.last_stderr_line()
   assert line.startswith('error: 3 consecutive steps had a non-finite loss'), (
       res.stderr[-3000:])
-  records = {r['step']: r for r in fu.read_records(
-      cfg.run_dir / 'metrics.jsonl') if r['kind'] == 'train'}
+  records = {r['step']: r for r in harness.records(cfg.run_dir, 'train')}
   skipped = [s for s, r in records.items() if r['skipped']]
   first = skipped[0]
   assert skipped == [first, first + 1, first + 2] == sorted(records)[-3:]
@@ -219,15 +219,16 @@ def test_no_resume_sets_the_old_checkpoints_aside(tmp_path, dirs, reference):
   run_dir = tmp_path / 'run'
   shutil.copytree(reference.run_dir, run_dir)
   cfg = fu.TinyRun(run_dir, data_dir)
-  res = fu.run_train(cfg.args('--no-resume', steps=7), jax_cache=jax_cache)
+  res = harness.run_train(cfg.args('--no-resume', steps=7),
+                          jax_cache=jax_cache)
   assert res.rc == 0, res.stderr[-3000:]
   assert res.resumed_from() is None
   assert '--no-resume: moved the existing checkpoints' in res.stdout
   assert fu.committed_steps(cfg.checkpoints) == [5, 7]
-  assert sorted(fu.train_losses(run_dir)) == list(range(1, 8))
+  assert sorted(harness.losses(run_dir)) == list(range(1, 8))
   (old,) = run_dir.glob('checkpoints.replaced-*')
   assert fu.committed_steps(old) == [35, 40]
-  assert max(fu.train_losses(old)) == STEPS  # The old metrics, kept.
+  assert max(harness.losses(old)) == STEPS  # The old metrics, kept.
 
 
 def test_cli_exit_codes_in_a_subprocess(tmp_path, dirs):
@@ -236,7 +237,7 @@ def test_cli_exit_codes_in_a_subprocess(tmp_path, dirs):
   cfg = fu.TinyRun(tmp_path / 'run', data_dir)
   bad_yaml = tmp_path / 'bad.yaml'
   bad_yaml.write_text('model:\n  d_model: [64\n')
-  res = fu.run_train(['--config', str(bad_yaml)], jax_cache=jax_cache)
+  res = harness.run_train(['--config', str(bad_yaml)], jax_cache=jax_cache)
   assert res.rc == 2
   assert res.stderr.strip().splitlines() == [
       f'config error: config file {bad_yaml} does not parse: expected \',\' '
@@ -244,7 +245,8 @@ def test_cli_exit_codes_in_a_subprocess(tmp_path, dirs):
       f'parsing a flow sequence)']
   garbage = tmp_path / 'garbage.model'
   garbage.write_bytes(b'\x00not a sentencepiece model\xff')
-  res = fu.run_train(cfg.args(data__tokenizer=garbage), jax_cache=jax_cache)
+  res = harness.run_train(cfg.args(data__tokenizer=garbage),
+                          jax_cache=jax_cache)
   assert res.rc == 1
   assert res.last_stderr_line().startswith(
       f"error: SentencePiece model file '{garbage}' does not load")
@@ -287,7 +289,7 @@ def test_no_restorable_checkpoint_fails_listing_the_steps(
   assert sum(l.startswith('warning: checkpoint at step') for l in err) == 2
   # Nothing was moved or started from scratch.
   assert fu.committed_steps(run_dir / 'checkpoints') == [35, 40]
-  assert max(fu.train_losses(run_dir)) == STEPS
+  assert max(harness.losses(run_dir)) == STEPS
 
 
 @pytest.mark.parametrize('overrides, code, message', [

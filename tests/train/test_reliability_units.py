@@ -27,7 +27,7 @@ from train.config import DataConfig, load_config
 from train.data import tfds_source
 from train.data import tokenizer as tokenizer_lib
 from train.loop import _global_batch
-from train.metrics import MetricsWriter
+from train.metrics import MetricsWriter, read_records
 from train.optim import make_optimizer
 from train.state import make_setup
 from train.step import make_train_step
@@ -476,5 +476,5 @@ def test_metrics_survive_a_torn_line(tmp_path):
   with writer.path.open('a') as f:
     f.write('{"kind": "train", "step": 6, "lo')  # Killed mid-write.
   MetricsWriter(tmp_path).truncate_after(3)
-  assert [r['step'] for r in fu.read_records(writer.path)] == [1, 2, 3]
+  assert [r['step'] for r in read_records(writer.path)] == [1, 2, 3]
   assert writer.path.read_text().endswith('}\n')

@@ -252,9 +252,10 @@ print(json.dumps({'spec': [str(a) for a in q.sharding.spec],
 
 @pytest.mark.slow  # About 40 s idle: 8 simulated devices in a subprocess.
 def test_scanned_step_on_a_2x2x2_mesh_equals_one_device_unrolled():
-  import dist_test_util as du  # pylint: disable=g-import-not-at-top
-  out = du.last_json_line(du.run_python(
-      _SHARDED_SCRIPT % {'model': list(MODEL)}, devices=8, timeout=600))
+  import harness  # pylint: disable=g-import-not-at-top
+  out = harness.last_json_line(harness.run_python(
+      _SHARDED_SCRIPT % {'model': list(MODEL)}, devices=8,
+      timeout=600).check())
   assert out['spec'] == ['None', 'fsdp', 'tensor']
   assert out['shard'] == [3, 16, 16]  # The layer axis whole on every device.
   assert out['max_rel_err'] < 1e-5, out

@@ -21,7 +21,7 @@ import textwrap
 import numpy as np
 import pytest
 
-import dist_test_util as du
+import harness
 import replay_util as ru
 from train import data as data_lib
 
@@ -31,12 +31,12 @@ RTOL = 2e-5  # Observed differences between meshes: about 1e-7 relative.
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  return du.shared_data_dir(tmp_path_factory)
+  return harness.shared_data_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope='module')
 def cache_dir(tmp_path_factory):
-  return du.compile_cache_dir(tmp_path_factory)
+  return harness.compile_cache_dir(tmp_path_factory)
 
 
 # ------------------------------------------ shardings and one sharded step ----
@@ -206,13 +206,13 @@ _SCRIPT = textwrap.dedent(r'''
       out[name] = {'shardings': check_shardings(args),
                    'steps': compare_steps(args, batches, ref_h)}
     print(json.dumps(out))
-    ''') % {'small': list(du.SMALL)}
+    ''') % {'small': list(harness.SMALL_ARGS)}
 
 
 @pytest.fixture(scope='module')
 def sharding_report(cache_dir):
-  return du.last_json_line(du.run_python(_SCRIPT, devices=8,
-                                         cache_dir=cache_dir))
+  return harness.last_json_line(harness.run_python(
+      _SCRIPT, devices=8, jax_cache=cache_dir).check())
 
 
 @pytest.mark.parametrize('mesh', ['fsdp8', '2x2x2'])
@@ -264,9 +264,10 @@ def test_fsdp_keeps_activations_split_over_the_batch(sharding_report):
 def _train(tmp_path, name, mesh, devices, data_dir, cache_dir, *extra):
   run_dir = tmp_path / name
   sizes = dict(zip(('data', 'fsdp', 'tensor'), mesh))
-  du.run_train([*STEPS, *(f'mesh.{k}={v}' for k, v in sizes.items()), *extra],
-               devices=devices, run_dir=run_dir, data_dir=data_dir,
-               cache_dir=cache_dir)
+  args = harness.small_args(run_dir, data_dir, *STEPS,
+                            *(f'mesh.{k}={v}' for k, v in sizes.items()),
+                            *extra)
+  harness.run_train(args, devices=devices, jax_cache=cache_dir).check()
   return run_dir
 
 
@@ -284,12 +285,12 @@ def fsdp8_run(tmp_path_factory, data_dir, cache_dir):
 
 
 def _assert_same_losses(run_dir, reference, steps=range(1, 6)):
-  got, want = du.losses(run_dir), du.losses(reference)
+  got, want = harness.losses(run_dir), harness.losses(reference)
   assert sorted(got) == list(steps), got
   np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps],
                              rtol=RTOL)
-  (got_eval,), (want_eval,) = du.records(run_dir, 'eval'), du.records(
-      reference, 'eval')
+  (got_eval,), (want_eval,) = (harness.records(run_dir, 'eval'),
+                                harness.records(reference, 'eval'))
   assert got_eval['step'] == want_eval['step'] == 5
   assert got_eval['eval_tokens'] == want_eval['eval_tokens'] == 2 * 8 * 64
   np.testing.assert_allclose(got_eval['loss'], want_eval['loss'], rtol=RTOL)
@@ -299,12 +300,13 @@ def test_one_device_run_learns_as_an_independent_replay(one_device_run,
                                                        data_dir):
   """The reference of every mesh comparison below is itself checked: its
   losses, gradient norms and eval loss are those of a plain-JAX replay."""
-  loss = du.losses(one_device_run)
+  loss = harness.losses(one_device_run)
   assert sorted(loss) == [1, 2, 3, 4, 5]
   assert all(np.isfinite(v) for v in loss.values())
   assert loss[5] < loss[1]
-  config = ru.cli_config(*du.SMALL, *STEPS, f'data.data_dir={data_dir}')
-  dataset = data_lib.prepare(config.data, du.VOCAB)
+  config = ru.cli_config(*harness.small_args(one_device_run, data_dir),
+                         *STEPS)
+  dataset = data_lib.prepare(config.data, harness.VOCAB)
   ru.assert_run_matches_replay(one_device_run, config, dataset, processes=1)
 
 
@@ -335,9 +337,9 @@ def test_restore_fsdp8_checkpoint_on_another_mesh(mesh, devices, tmp_path,
                 if p.name.isdigit()) == ['3', '5']
   shutil.rmtree(run_dir / 'checkpoints' / '5')
   sizes = dict(zip(('data', 'fsdp', 'tensor'), mesh))
-  out = du.run_train([*STEPS, 'train.checkpoint_every=3',
-                      *(f'mesh.{k}={v}' for k, v in sizes.items())],
-                     devices=devices, run_dir=run_dir, data_dir=data_dir,
-                     cache_dir=cache_dir)
+  args = harness.small_args(run_dir, data_dir, *STEPS,
+                            'train.checkpoint_every=3',
+                            *(f'mesh.{k}={v}' for k, v in sizes.items()))
+  out = harness.run_train(args, devices=devices, jax_cache=cache_dir).check()
   assert 'resumed from step 3' in out
   _assert_same_losses(run_dir, fsdp8_run)
