@@ -60,11 +60,13 @@ def test_every_user_error_has_one_of_the_two_bases():
     (['--config', '/nonexistent/x.yaml'],
      'config error: config file /nonexistent/x.yaml: No such file or '
      'directory.'),
-    (['--dry-run', 'mesh.data=3'],  # Found by the dry run's mesh.
+    (['mesh.data=3'],
      'config error: mesh: the fixed axis sizes (product 3) do not divide '),
-], ids=['bad_key', 'bad_type', 'bad_config_path', 'dry_run'])
+    (['--dry-run', 'mesh.data=3'],  # Found by the dry run's own mesh.
+     'config error: mesh: the fixed axis sizes (product 3) do not divide '),
+], ids=['bad_key', 'bad_type', 'bad_config_path', 'mesh', 'dry_run'])
 def test_config_mistakes_exit_2_with_one_line(capsys, args, line):
-  code, err = call(capsys, train_main, args)
+  code, err = call(capsys, train_main, args)  # Found before any file is made.
   assert code == 2
   assert len(err) == 1 and err[0].startswith(line), err
 
@@ -74,6 +76,11 @@ def test_config_mistakes_exit_2_with_one_line(capsys, args, line):
      "error: data.text_key='content' is not a feature of data set "
      "'embedded'"),
     (['data.eval_split=test'], "error: Split 'test' not found in data set "),
+    (['data.batch_size=4096', 'data.seq_len=512', 'model.max_seq_len=512'],
+     "error: Split 'train' has "),
+    (['data.name=c4/en', 'data.tokenizer=x.model',
+      'data.data_dir={tmp}/missing'],
+     "error: TFDS data set 'c4/en' is not prepared under data_dir="),
     (['data.tokenizer={tmp}/missing.model'],
      "error: SentencePiece model file '{tmp}/missing.model' not found"),
     (['data.tokenizer={tmp}/garbage.model'],
@@ -82,11 +89,11 @@ def test_config_mistakes_exit_2_with_one_line(capsys, args, line):
      "error: [Errno 20] Not a directory: '/dev/null/data'"),
     (['train.run_dir=/dev/null/run'],
      "error: [Errno 20] Not a directory: '/dev/null/run"),
-], ids=['text_key', 'split', 'missing_tokenizer', 'bad_tokenizer',
-        'bad_data_dir', 'bad_run_dir'])
+], ids=['text_key', 'missing_split', 'split_too_small', 'not_prepared',
+        'missing_tokenizer', 'bad_tokenizer', 'bad_data_dir', 'bad_run_dir'])
 def test_run_errors_exit_1_with_one_line(tmp_path, data_dir, capsys, args,
                                         line):
-  (tmp_path / 'garbage.model').write_bytes(b'\x00not a sentencepiece model')
+  (tmp_path / 'garbage.model').write_bytes(b'\x00not a sentencepiece model\xff')
   args = [a.format(tmp=tmp_path) for a in args]
   code, err = call(capsys, train_main, small(tmp_path, data_dir, *args))
   assert code == 1
@@ -145,7 +152,16 @@ def test_a_bug_propagates_with_its_traceback(tmp_path, data_dir, monkeypatch):
 
 
 def test_no_traceback_through_python_m_train(tmp_path, data_dir):
-  """End to end: the child's whole stderr is the one line."""
+  """End to end, a config error and a run error: the child's whole stderr is
+  the one line."""
+  bad_yaml = tmp_path / 'bad.yaml'
+  bad_yaml.write_text('model:\n  d_model: [64\n')
+  res = harness.run_train(['--config', bad_yaml])
+  assert res.rc == 2
+  assert res.stderr.splitlines() == [
+      f'config error: config file {bad_yaml} does not parse: expected \',\' '
+      f'or \']\', but got \'<stream end>\' at line 3, column 1 (while '
+      f'parsing a flow sequence)']
   res = harness.run_train(small(tmp_path, data_dir, 'data.text_key=content'))
   assert res.rc == 1
   assert res.stderr.splitlines() == [
