@@ -152,8 +152,14 @@ def test_a_bug_propagates_with_its_traceback(tmp_path, data_dir, monkeypatch):
 
 
 def test_no_traceback_through_python_m_train(tmp_path, data_dir):
-  """End to end, a config error and a run error: the child's whole stderr is
+  """End to end, config errors and a run error: the child's whole stderr is
   the one line."""
+  res = harness.run_train(['optimizer.lernin_rate=1'])
+  assert res.rc == 2
+  assert res.stderr.strip().splitlines() == [
+      'config error: optimizer.lernin_rate: unknown key (known: b1, b2, eps, '
+      'grad_clip, learning_rate, min_lr_ratio, momentum, name, '
+      'vector_adam, vector_learning_rate, warmup_ratio, weight_decay).']
   bad_yaml = tmp_path / 'bad.yaml'
   bad_yaml.write_text('model:\n  d_model: [64\n')
   res = harness.run_train(['--config', bad_yaml])

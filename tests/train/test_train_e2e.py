@@ -3,8 +3,6 @@
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import jax
 
@@ -12,14 +10,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import harness
 from test_pinned import np_cross_entropy, np_llama_logits
 from train import data as data_lib
 from train.config import load_config
 from train.loop import train
 
-SMALL = ['model.vocab_size=512', 'model.d_model=64', 'model.n_layers=2',
-         'model.n_heads=2', 'model.d_ff=176', 'data.seq_len=64',
-         'data.batch_size=8', 'train.eval_tokens=2048', 'train.progress=false']
+# The harness's small model, evaluated on more tokens and logged every 10 steps.
+SMALL = [*harness.SMALL_ARGS, 'train.eval_tokens=2048', 'train.log_every=10']
 
 # A learning rate per optimizer that trains this model in 80 steps (from a
 # small sweep; see the README's optimizer table).
@@ -45,11 +43,6 @@ def unigram(data_dir):
 def small_config(data_dir, run_dir, *overrides):
   return load_config(None, SMALL + [f'data.data_dir={data_dir}',
                                     f'train.run_dir={run_dir}', *overrides])
-
-
-def records(run_dir, kind):
-  lines = (run_dir / 'metrics.jsonl').read_text().splitlines()
-  return [r for r in map(json.loads, lines) if r['kind'] == kind]
 
 
 def direct_eval_loss(config, params) -> float:
@@ -86,7 +79,7 @@ def test_each_optimizer_trains_below_the_unigram_baseline(
                         'train.steps=80', 'train.eval_every=80',
                         'train.checkpoint_every=80', 'train.log_every=10')
   summary = train(config, resume=False)
-  losses = [r['loss'] for r in records(tmp_path, 'train')]
+  losses = [r['loss'] for r in harness.records(tmp_path, 'train')]
   assert len(losses) == 8
   assert np.mean(losses[-2:]) < math.log(512) - 0.5, losses  # Init: log V.
   assert math.isfinite(summary['eval_perplexity'])
@@ -112,11 +105,11 @@ def test_run_outputs_and_memory_report(data_dir, tmp_path):
                         'train.eval_every=10', 'train.checkpoint_every=10',
                         'train.log_every=1', 'train.keep_checkpoints=1')
   summary = train(config, resume=False)
-  rates = {r['step']: r['learning_rate'] for r in records(tmp_path, 'train')}
+  rates = {r['step']: r['learning_rate'] for r in harness.records(tmp_path, 'train')}
   for step, rate in LOGGED_RATES.items():
     np.testing.assert_allclose(rates[step], rate, rtol=1e-5, atol=1e-12,
                                err_msg=f'step {step}')
-  evaluation = records(tmp_path, 'eval')[-1]
+  evaluation = harness.records(tmp_path, 'eval')[-1]
   want = direct_eval_loss(config, _restore_params(tmp_path, 20))
   np.testing.assert_allclose(evaluation['loss'], want, rtol=1e-4)
   np.testing.assert_allclose(evaluation['perplexity'], math.exp(want),
@@ -125,7 +118,7 @@ def test_run_outputs_and_memory_report(data_dir, tmp_path):
   assert (tmp_path / 'loss.png').stat().st_size > 10_000
   assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
   assert json.loads((tmp_path / 'summary.json').read_text()) == summary
-  assert [r['step'] for r in records(tmp_path, 'eval')] == [10, 20]
+  assert [r['step'] for r in harness.records(tmp_path, 'eval')] == [10, 20]
   assert ocp.CheckpointManager(tmp_path / 'checkpoints').all_steps() == [20]
   # SCALE keeps the LM head's momentum and AdamW moments for the 1-D leaves,
   # plus 4 int32 counters (EMA, Adam, and the two learning-rate schedules).
@@ -148,14 +141,14 @@ def test_resume_continues_exactly(data_dir, tmp_path):
                         'train.eval_every=100', 'train.checkpoint_every=15',
                         'train.log_every=1', 'train.keep_checkpoints=2')
   train(config, resume=False)
-  straight_losses = [r['loss'] for r in records(tmp_path, 'train')]
+  straight_losses = [r['loss'] for r in harness.records(tmp_path, 'train')]
   straight_params = _restore_params(tmp_path, 30)
   # Lose the last checkpoint, as if the run had died after step 15's save.
   shutil.rmtree(tmp_path / 'checkpoints' / '30')
   summary = train(config)
   assert summary['steps'] == 30
-  assert [r['step'] for r in records(tmp_path, 'train')] == list(range(1, 31))
-  assert [r['loss'] for r in records(tmp_path, 'train')] == straight_losses
+  assert [r['step'] for r in harness.records(tmp_path, 'train')] == list(range(1, 31))
+  assert [r['loss'] for r in harness.records(tmp_path, 'train')] == straight_losses
   resumed_params = _restore_params(tmp_path, 30)
   for a, b in zip(jax.tree.leaves(straight_params),
                   jax.tree.leaves(resumed_params)):
@@ -171,7 +164,7 @@ def test_unpacked_documents_resume_exactly_and_eval_counts_loss_tokens(
                         'train.checkpoint_every=6', 'train.log_every=1',
                         'train.eval_tokens=1000')
   train(config, resume=False)
-  losses = lambda: [(r['step'], r['loss']) for r in records(tmp_path, 'train')]
+  losses = lambda: [(r['step'], r['loss']) for r in harness.records(tmp_path, 'train')]
   straight = losses()
   straight_params = _restore_params(tmp_path, 12)
   shutil.rmtree(tmp_path / 'checkpoints' / '12')
@@ -185,26 +178,14 @@ def test_unpacked_documents_resume_exactly_and_eval_counts_loss_tokens(
   loss_tokens = sum(int(b['weights'].sum()) for b in batches)
   assert loss_tokens >= 1000 > loss_tokens - int(batches[-1]['weights'].sum())
   assert loss_tokens < len(batches) * 8 * 64  # pads are not counted
-  assert records(tmp_path, 'eval')[-1]['eval_tokens'] == loss_tokens
+  assert harness.records(tmp_path, 'eval')[-1]['eval_tokens'] == loss_tokens
 
 
 def test_cli_main_command(data_dir, tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'train', *SMALL, f'data.data_dir={data_dir}',
-       f'train.run_dir={tmp_path}', 'train.steps=10', 'train.eval_every=10'],
-      capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0, result.stderr[-2000:]
+  result = harness.run_train(
+      [*SMALL, f'data.data_dir={data_dir}', f'train.run_dir={tmp_path}',
+       'train.steps=10', 'train.eval_every=10'], timeout=300)
+  assert result.rc == 0, result.stderr[-2000:]
   assert 'step 10: eval loss' in result.stdout
   assert 'summary: scale | step 10 |' in result.stdout
   assert (tmp_path / 'checkpoints' / '10').is_dir()
-
-
-def test_cli_config_error_is_one_line(tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'train', 'optimizer.lernin_rate=1'],
-      capture_output=True, text=True, timeout=120, check=False)
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == [
-      'config error: optimizer.lernin_rate: unknown key (known: b1, b2, eps, '
-      'grad_clip, learning_rate, min_lr_ratio, momentum, name, '
-      'vector_adam, vector_learning_rate, warmup_ratio, weight_decay).']
