@@ -25,7 +25,7 @@ from ..data.tokenizer import Tokenizer
 
 __all__ = [
     'Batch', 'Dataset', 'DatasetNotPreparedError', 'EmbeddedText',
-    'FeatureNotFoundError', 'SplitNotFoundError', 'SplitTooSmallError', 'Tokenizer', 'TokenizerError',
-    'UnknownDatasetError', 'open_builder', 'prepare', 'token_counts',
-    'tokenizer_path', 'unigram_perplexity',
+    'FeatureNotFoundError', 'SplitNotFoundError', 'SplitTooSmallError',
+    'Tokenizer', 'TokenizerError', 'UnknownDatasetError', 'open_builder',
+    'prepare', 'token_counts', 'tokenizer_path', 'unigram_perplexity',
 ]
