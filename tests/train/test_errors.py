@@ -8,22 +8,17 @@ the guarantee end to end, through ``python -m train``.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import pkgutil
 
 import pytest
 
 import harness
-from train import errors, export
-from train import loop
-from train import study
+import train
+from train import errors, export, loop, study
 from train.__main__ import main as train_main
-from train.checkpoint import CheckpointError
-from train.config import ConfigError
-from train.data import (FeatureNotFoundError, SplitNotFoundError,
-                        TokenizerError)
-from train.hf_llama import HFFormatError
-from train.loop import TrainingError
-from train.study import StudyConfigError
 
 
 @pytest.fixture(scope='module')
@@ -44,13 +39,23 @@ def small(tmp_path, data_dir, *args):
   return harness.small_args(tmp_path / 'run', data_dir, *args)
 
 
-def test_every_user_error_has_one_of_the_two_bases():
-  assert issubclass(ConfigError, errors.UsageError)
-  assert issubclass(StudyConfigError, errors.UsageError)
-  for run_error in (CheckpointError, TrainingError, HFFormatError,
-                    export.ExportError, FeatureNotFoundError,
-                    SplitNotFoundError, TokenizerError):
-    assert issubclass(run_error, errors.RunError), run_error
+def test_every_error_class_of_the_trainer_has_one_of_the_two_bases():
+  found = {}
+  for module in pkgutil.walk_packages(train.__path__, 'train.'):
+    for name, cls in inspect.getmembers(importlib.import_module(module.name),
+                                        inspect.isclass):
+      if issubclass(cls, Exception) and cls.__module__ == module.name:
+        found[f'{module.name}.{name}'] = cls
+  assert {'train.config.ConfigError', 'train.study.config.StudyConfigError',
+          'train.checkpoint.CheckpointError', 'train.loop.TrainingError',
+          'train.hf_llama.HFFormatError', 'train.export.ExportError',
+          'train.data.errors.TokenizerError',
+          'train.data.errors.FeatureNotFoundError',
+          'train.data.errors.SplitNotFoundError'} <= set(found)
+  bad = [name for name, cls in found.items() if cls not in (
+      errors.UsageError, errors.RunError) and not issubclass(
+          cls, (errors.UsageError, errors.RunError))]
+  assert not bad, bad
 
 
 @pytest.mark.parametrize('args, line', [
@@ -136,7 +141,7 @@ def test_study_usage_mistake_exits_2_with_one_line(tmp_path, capsys):
 def test_a_multi_line_message_is_reported_on_one_line(capsys):
   @errors.cli
   def main(_):
-    raise TrainingError('first\n  second\n')
+    raise loop.TrainingError('first\n  second\n')
 
   assert call(capsys, main, []) == (1, ['error: first / second'])
 
