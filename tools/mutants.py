@@ -296,6 +296,13 @@ MUTANTS: tuple[Mutant, ...] = (
            'return self.lm_head(self.final_norm(x))',
            'return self.lm_head(x)',
            (P + 'test_forward_matches_numpy_llama',)),
+    # A checkpoint that passed its integrity check is not damaged: an error
+    # restoring it is a bug and must not move it aside.
+    Mutant('verified-checkpoint-set-aside', 'train/checkpoint.py',
+           'if verified or damage is None:',
+           'if damage is None:',
+           ('tests/train/test_reliability_units.py::'
+            'test_other_restore_errors_propagate_and_move_nothing',)),
 )
 
 
