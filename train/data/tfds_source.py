@@ -30,6 +30,7 @@ from .. import compat
 from ..data import corpus
 from ..data.errors import (DatasetNotPreparedError, SplitNotFoundError,
                            UnknownDatasetError)
+from ..data.python_source import PYTHON_SOURCE, PythonSource
 
 EMBEDDED = 'embedded'  # DataConfig.name of the embedded data set
 
@@ -123,10 +124,16 @@ def prepare_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuild
   return builder
 
 
+# The data sets built here from files of installed packages (nothing is
+# downloaded); their tokenizer is trained on their training split.
+LOCAL_BUILDERS = (EmbeddedText, PythonSource)
+
+
 def embedded_builder(data_dir: str | os.PathLike,
-                     builder_cls: type[EmbeddedText] = EmbeddedText
-                     ) -> tfds.core.DatasetBuilder:
-  """The embedded data set under data_dir, prepared on first use."""
+                     builder_cls: type[tfds.core.GeneratorBasedBuilder]
+                     = EmbeddedText) -> tfds.core.DatasetBuilder:
+  """A local data set (``LOCAL_BUILDERS``) under data_dir, prepared on first
+  use."""
   pathlib.Path(data_dir).mkdir(parents=True, exist_ok=True)
   builder = builder_cls(data_dir=os.fspath(data_dir),
                         file_format=file_adapters.FileFormat.ARRAY_RECORD)
@@ -162,6 +169,8 @@ def open_builder(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBui
   where = f'data_dir={data_dir!r} ({os.path.abspath(data_dir)})'
   if name in (EMBEDDED, EmbeddedText.name):
     return embedded_builder(data_dir)
+  if name == PYTHON_SOURCE:
+    return embedded_builder(data_dir, PythonSource)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except registered.DatasetNotFoundError:
@@ -170,7 +179,8 @@ def open_builder(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBui
           f'TFDS data set {name!r} is not prepared under {where}. '
           + _prepare_hint(name, data_dir)) from None
     raise UnknownDatasetError(
-        f'Unknown data set {name!r}: not {EMBEDDED!r}, not a TFDS data set, '
+        f'Unknown data set {name!r}: not {EMBEDDED!r} or {PYTHON_SOURCE!r}, '
+        f'not a TFDS data set, '
         f'and not found prepared under {where}.') from None
   except (ValueError, AssertionError) as e:  # bad name syntax, bad version
     raise UnknownDatasetError(
