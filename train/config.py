@@ -326,7 +326,16 @@ def load_config(path: Optional[str | pathlib.Path] = None,
     _set_dotted(values, key, value)
     overridden.add(key)
   _use_published_rate(values, overridden)
-  config = _build(Config, values, '')
+  return build_config(values)
+
+
+def build_config(values: dict[str, Any], prefix: str = '') -> Config:
+  """A validated :class:`Config` from nested mappings (``to_dict``'s inverse).
+
+  Unknown keys and bad types raise :class:`ConfigError` naming the key after
+  ``prefix`` (``'base.'`` names ``base.model.width``).
+  """
+  config = _build(Config, values, prefix)
   validate(config)
   return config
 

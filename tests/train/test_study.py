@@ -15,6 +15,11 @@ import yaml
 from train import study as study_lib
 from train.config import load_config, to_dict
 from train.loop import train
+from train.study import config as study_config
+from train.study import page as study_page
+from train.study import paper as study_paper
+from train.study import results as study_results
+from train.study import runner as study_runner
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -93,7 +98,7 @@ def test_two_run_grid_runs_resumes_and_reports(data_dir, tmp_path):
   assert mtimes(tmp_path / 'runs') == before
 
   # A half-finished run (no summary, checkpoint kept) resumes, not restarts.
-  scale_dir = tmp_path / 'runs' / 'scale' / 'lr_0.003' / 'seed_0'
+  scale_dir = tmp_path / 'runs' / 'sweep' / 'scale' / 'lr_0.003' / 'seed_0'
   (scale_dir / 'summary.json').unlink()
   out = study_lib.run_study(study, say=quiet)
   result = out['results'][scale_dir]
@@ -107,37 +112,37 @@ def test_two_run_grid_runs_resumes_and_reports(data_dir, tmp_path):
 
 def test_run_state_follows_the_files(data_dir, tmp_path):
   study = study_lib.parse_study(study_values(data_dir, tmp_path))
-  spec = study_lib.sweep_specs(study)[0]
+  spec = study_config.sweep_specs(study)[0]
   d = spec.run_dir
-  assert study_lib.run_state(spec) == 'new'
+  assert study_runner.run_state(spec) == 'new'
   d.mkdir(parents=True)
   (d / 'config.yaml').write_text(yaml.safe_dump(to_dict(spec.config)))
-  assert study_lib.run_state(spec) == 'partial'
+  assert study_runner.run_state(spec) == 'partial'
   summary = {'steps': 4, 'eval_loss': 5.0, 'stopped_by': None}
   (d / 'summary.json').write_text(json.dumps(summary))
-  assert study_lib.run_state(spec) == 'done'
+  assert study_runner.run_state(spec) == 'done'
   (d / 'summary.json').write_text(json.dumps({**summary, 'steps': 3}))
-  assert study_lib.run_state(spec) == 'partial'  # Stopped early: resume.
+  assert study_runner.run_state(spec) == 'partial'  # Stopped early: resume.
   (d / 'failed.json').write_text(json.dumps({'status': 'diverged'}))
-  assert study_lib.run_state(spec) == 'diverged'
+  assert study_runner.run_state(spec) == 'diverged'
   changed = to_dict(spec.config)
   changed['train']['steps'] = 5
   (d / 'config.yaml').write_text(yaml.safe_dump(changed))
-  assert study_lib.run_state(spec) == 'new'  # Another config: start over.
+  assert study_runner.run_state(spec) == 'new'  # Another config: start over.
 
 
 def test_a_key_added_to_the_trainer_later_keeps_runs_valid(data_dir,
                                                           tmp_path):
   study = study_lib.parse_study(study_values(data_dir, tmp_path))
-  spec = study_lib.sweep_specs(study)[0]  # scale, with diagnostics on.
+  spec = study_config.sweep_specs(study)[0]  # scale, with diagnostics on.
   assert spec.config.train.diagnostics_microbatches == 2  # Not the default.
   saved = to_dict(spec.config)
   del saved['train']['max_consecutive_skips']  # At its default: matches.
   saved['train']['a_removed_key'] = 1  # Unknown to the trainer: ignored.
-  assert study_lib.config_matches(saved, spec.config)
+  assert study_runner.config_matches(saved, spec.config)
   del saved['train']['diagnostics_microbatches']  # Default 4 != 2.
-  assert not study_lib.config_matches(saved, spec.config)
-  assert not study_lib.config_matches(None, spec.config)
+  assert not study_runner.config_matches(saved, spec.config)
+  assert not study_runner.config_matches(None, spec.config)
 
 
 def test_best_learning_rate_and_finalists(data_dir, tmp_path):
@@ -152,10 +157,10 @@ def test_best_learning_rate_and_finalists(data_dir, tmp_path):
   rows = [{'optimizer': n, 'learning_rate': lr, 'seed': 0,
            'status': 'diverged' if loss is None else 'done',
            'eval_loss': loss} for (n, lr), loss in losses.items()]
-  assert study_lib.best_learning_rates(rows, study) == {
+  assert study_results.best_learning_rates(rows, study) == {
       'scale': 3e-3, 'adamw': 1e-3, 'sgd': 0.1, 'muon': 0.02}
-  assert study_lib.select_finalists(rows, study) == ['scale', 'muon']
-  specs = study_lib.finalist_specs(study, rows)
+  assert study_results.select_finalists(rows, study) == ['scale', 'muon']
+  specs = study_results.finalist_specs(study, rows)
   assert [(s.optimizer, s.learning_rate, s.seed) for s in specs] == [
       ('scale', 3e-3, 1), ('scale', 3e-3, 2), ('muon', 0.02, 1),
       ('muon', 0.02, 2)]
@@ -207,6 +212,20 @@ BAD = {
         lambda v: {**v, 'diagnostics': {'optimizers': ['scale'],
                                         'microbatches': 3}},
         'diagnostics.microbatches'),
+    'override of an optimizer not in the study': (
+        lambda v: {**v, 'overrides': {'muon': {'optimizer': {}}}},
+        'overrides.muon'),
+    'override sets the rate': (
+        lambda v: {**v, 'overrides': {'scale': {'optimizer': {
+            'learning_rate': 1.0}}}}, 'overrides.scale.optimizer.learning_rate'),
+    'sweep sets the seed': (lambda v: {**v, 'sweep': {'seed': 1}},
+                            'sweep.seed'),
+    'long not a mapping': (lambda v: {**v, 'long': 3}, 'long'),
+    'negative neighbours': (
+        lambda v: {**v, 'long': {'steps': 8, 'neighbours': -1}},
+        'long.neighbours'),
+    'long with an unknown train key': (
+        lambda v: {**v, 'long': {'stepz': 8}}, 'base.train.stepz'),
 }
 
 
@@ -227,6 +246,237 @@ def test_cli_reports_a_bad_study_config(tmp_path, capsys):
   assert 'optimizers.scale[0]' in capsys.readouterr().err
 
 
+# --------------------------------------------------------------------------
+# Phases, aggregation and the report against hand computations (no training:
+# the runs' files are written here as the trainer writes them).
+
+RATES = [1e-3, 3e-3, 1e-2, 3e-2]
+SWEEP_LOSS = {('scale', 1e-3): 5.0, ('scale', 3e-3): 4.6, ('scale', 1e-2): 4.4,
+              ('scale', 3e-2): 4.9, ('adamw', 1e-3): 4.8, ('adamw', 3e-3): 4.7,
+              ('adamw', 1e-2): None, ('adamw', 3e-2): None,  # None: diverged
+              ('sgd', 1e-3): 6.0, ('sgd', 3e-3): 5.9, ('sgd', 1e-2): 5.5,
+              ('sgd', 3e-2): 5.2}
+LONG_LOSS = {'scale': {3e-3: 3.9, 1e-2: 3.7, 3e-2: 4.2},
+             'adamw': {1e-3: 3.8, 3e-3: 3.85},
+             'sgd': {1e-2: 4.9, 3e-2: 4.6}}
+SEED1 = {'scale': 3.75, 'adamw': 3.86, 'sgd': 4.7}  # finalists' second seed
+
+
+def phased_values(data_dir, out):
+  return study_values(
+      data_dir, out, optimizers={n: list(RATES)
+                                 for n in ('scale', 'adamw', 'sgd')},
+      sweep={'steps': 4}, long={'steps': 8, 'eval_every': 4,
+                                'neighbours': 1},
+      overrides={'scale': {'optimizer': {'vector_learning_rate': 0.02}}},
+      finalists={'always': ['scale'], 'top': 1, 'seeds': [1]},
+      diagnostics={'optimizers': ['scale'], 'every': 4, 'microbatches': 2})
+
+
+def fake_run(spec, loss, param_bytes=1000, state_bytes=None):
+  """A finished (or diverged, loss None) run's files, as the trainer and
+  the runner write them."""
+  d = spec.run_dir
+  d.mkdir(parents=True, exist_ok=True)
+  (d / 'config.yaml').write_text(yaml.safe_dump(to_dict(spec.config)))
+  steps = spec.config.train.steps
+  tokens = steps * 8 * 32
+  if loss is None:
+    (d / 'failed.json').write_text(json.dumps({'status': 'diverged'}))
+    (d / 'metrics.jsonl').write_text(json.dumps(
+        {'kind': 'train', 'step': 1, 'tokens': 0, 'loss': 9.0}) + '\n')
+    return
+  state = state_bytes or {'scale': 100, 'adamw': 2000, 'sgd': 4}[
+      spec.optimizer]
+  records = [{'kind': 'train', 'step': s, 'tokens': (s - 1) * 256,
+              'loss': loss + 1.0 / s} for s in range(1, steps + 1)]
+  records += [{'kind': 'eval', 'step': steps, 'tokens': tokens, 'loss': loss}]
+  records += [{'kind': 'diagnostics', 'step': 4, 'tokens': 768,
+               'grad_var/embed': 2.0, 'grad_var/layer_0': 1.0,
+               'grad_var/lm_head': 3.0, 'grad_sq/embed': 1.0,
+               'grad_sq/layer_0': 1.0, 'grad_sq/lm_head': 1.0}]
+  (d / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in records))
+  (d / 'summary.json').write_text(json.dumps({
+      'optimizer': spec.optimizer, 'steps': steps, 'tokens': tokens,
+      'eval_loss': loss, 'eval_perplexity': math.exp(loss),
+      'tokens_per_s': 1000.0, 'wall_s': 1.0, 'stopped_by': None,
+      'opt_state_bytes': state, 'param_bytes': param_bytes}))
+
+
+def test_long_runs_are_the_best_rate_and_its_grid_neighbours(data_dir,
+                                                             tmp_path):
+  study = study_lib.parse_study(phased_values(data_dir, tmp_path))
+  assert study.phases == ('sweep', 'long')
+  for spec in study_config.sweep_specs(study):
+    fake_run(spec, SWEEP_LOSS[spec.optimizer, spec.learning_rate])
+  rows = [study_results.collect_run(s)
+          for s in study_config.sweep_specs(study)]
+  # By hand: scale's lowest sweep loss is at 1e-2; adamw's at 3e-3 (its
+  # diverged rates count as infinitely bad); sgd's at the grid's end, 3e-2.
+  assert study_results.best_learning_rates(rows, study) == {
+      'scale': 1e-2, 'adamw': 3e-3, 'sgd': 3e-2}
+  longs = study_results.long_specs(study, rows)
+  assert [(s.phase, s.optimizer, s.learning_rate, s.seed) for s in longs] == [
+      ('long', 'scale', 3e-3, 0), ('long', 'scale', 1e-2, 0),
+      ('long', 'scale', 3e-2, 0), ('long', 'adamw', 1e-3, 0),
+      ('long', 'adamw', 3e-3, 0), ('long', 'adamw', 1e-2, 0),
+      ('long', 'sgd', 1e-2, 0), ('long', 'sgd', 3e-2, 0)]
+  assert all(s.config.train.steps == 8 for s in longs)
+  assert all(s.config.train.eval_every == 4 for s in longs)
+  assert all(s.config.train.steps == 4
+             for s in study_config.sweep_specs(study))
+  scale_run = next(s for s in longs if s.optimizer == 'scale')
+  assert scale_run.config.optimizer.vector_learning_rate == 0.02
+  assert longs[3].config.optimizer.vector_learning_rate is None  # adamw
+  assert str(scale_run.run_dir).endswith('long/scale/lr_0.003/seed_0')
+
+
+def write_phased_study(data_dir, tmp_path):
+  """Every run of the phased study on disk; returns the study."""
+  study = study_lib.parse_study(phased_values(data_dir, tmp_path))
+  for spec in study_config.sweep_specs(study):
+    fake_run(spec, SWEEP_LOSS[spec.optimizer, spec.learning_rate])
+  for spec in study_results.all_specs(study):
+    if spec.phase == 'long' and spec.seed == 0:
+      fake_run(spec, LONG_LOSS[spec.optimizer].get(spec.learning_rate))
+  finals = [s for s in study_results.all_specs(study) if s.seed == 1]
+  for spec in finals:
+    fake_run(spec, SEED1[spec.optimizer])
+  return study, finals
+
+
+@pytest.fixture(scope='module')
+def phased_report(data_dir, tmp_path_factory):
+  """The phased study's files and its report, written once."""
+  study, finals = write_phased_study(data_dir,
+                                     tmp_path_factory.mktemp('phased'))
+  return study, finals, study_lib.write_report(study, say=quiet)
+
+
+def test_finalists_and_table_equal_a_direct_computation(phased_report):
+  _, finals, paths = phased_report
+  # Long phase by hand: scale best 1e-2 (3.7), adamw 1e-3 (3.8; its 1e-2 long
+  # run diverged), sgd 3e-2 (4.6); finalists: scale always, then the best
+  # other by long loss: adamw.
+  assert [(s.optimizer, s.learning_rate, s.seed) for s in finals] == [
+      ('scale', 1e-2, 1), ('adamw', 1e-3, 1)]
+  with paths['results_csv'].open() as f:
+    table = {(r['phase'], r['optimizer'], float(r['learning_rate'])): r
+             for r in csv.DictReader(f)}
+  expected = {}
+  for (name, lr), loss in SWEEP_LOSS.items():
+    expected['sweep', name, lr] = [loss]
+  for name, losses in LONG_LOSS.items():
+    for lr, loss in losses.items():
+      expected['long', name, lr] = [loss]
+  expected['long', 'adamw', 1e-2] = [None]  # the diverged long neighbour
+  expected['long', 'scale', 1e-2].append(SEED1['scale'])
+  expected['long', 'adamw', 1e-3].append(SEED1['adamw'])
+  assert set(table) == set(expected)
+  best = {('sweep', 'scale', 1e-2), ('sweep', 'adamw', 3e-3),
+          ('sweep', 'sgd', 3e-2), ('long', 'scale', 1e-2),
+          ('long', 'adamw', 1e-3), ('long', 'sgd', 3e-2)}
+  for key, losses in expected.items():
+    row = table[key]
+    done = [l for l in losses if l is not None]
+    assert int(row['n_runs']) == len(done), key
+    assert int(row['n_diverged']) == len(losses) - len(done), key
+    assert (row['best_lr'] == 'True') == (key in best), key
+    assert (row['finalist'] == 'True') == (key in {
+        ('long', 'scale', 1e-2), ('long', 'adamw', 1e-3)}), key
+    if not done:
+      assert row['eval_ppl_mean'] == '', key
+      continue
+    ppl = np.exp(done)
+    np.testing.assert_allclose(float(row['eval_loss_mean']), np.mean(done),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(row['eval_ppl_mean']), ppl.mean(),
+                               rtol=1e-5)
+    if len(done) > 1:
+      np.testing.assert_allclose(float(row['eval_ppl_std']),
+                                 ppl.std(ddof=1), rtol=1e-5)
+      assert row['seeds'] == '0 1'
+    assert int(row['steps']) == (8 if key[0] == 'long' else 4)
+  with paths['runs_csv'].open() as f:
+    runs = list(csv.DictReader(f))
+  assert len(runs) == 12 + 8 + 2
+
+
+def test_results_page_puts_the_paper_beside_the_runs(phased_report):
+  page = phased_report[2]['results_md'].read_text()
+  assert '**Not a result' in page  # 8 steps x 256 tokens: a smoke run.
+  scale_ppl = np.mean(np.exp([3.7, SEED1['scale']]))
+  scale_std = np.std(np.exp([3.7, SEED1['scale']]), ddof=1)
+  # Memory: (1000 + 100) B and (1000 + 2000) B: 0.0011 MB, 0.37 of AdamW's.
+  assert (f'| SCALE | {scale_ppl:.2f} ± {scale_std:.2f} | 0.01 | 0.00 | 0.37 '
+          f'| 30.81 | 0.15 | 0.43 |') in page
+  assert '| Muon | not run | — | — | — | 28.86 | 0.23 | 0.66 |' in page
+  # SCALE (ppl exp(3.7) mean with exp(3.75)) beats AdamW (exp(3.8), exp(3.86)
+  # mean): the paper's 60M column says SCALE trails Adam.
+  adam_ppl = np.mean(np.exp([3.8, SEED1['adamw']]))
+  assert (f'| SCALE trails AdamW (60M) | 30.81 vs 30.05 | SCALE '
+          f'{scale_ppl:.2f}, AdamW {adam_ppl:.2f} | **disagrees** |') in page
+  assert '| SCALE beats GaLore (60M) | 30.81 vs 34.58 | — | not run |' in page
+  # Gradient variance written as lm_head 3 > embed 2 > layer_0 1.
+  assert ('the LM head has the largest gradient variance, then the embedding '
+          '(Figure 4) | yes | lm_head, embed, layer_0 | agrees |') in page
+  assert 'plain SGD trails Adam far behind (Figure 2) | yes | AdamW ' in page
+
+
+def test_spearman_and_lr_sensitivity_by_hand():
+  assert study_page.spearman([1, 2, 3], [10, 20, 30]) == 1.0
+  assert study_page.spearman([1, 2, 3], [3, 2, 1]) == -1.0
+  np.testing.assert_allclose(study_page.spearman([1, 2, 3, 4], [1, 3, 2, 4]),
+                             0.8)
+  assert set(study_paper.TABLE) == {'adamw', 'stable_spam', 'muon', 'galore',
+                                    'fira', 'swan', 'apollo', 'apollo_mini',
+                                    'scale'}
+
+
+def test_runner_skips_finished_runs_and_resumes_partial_ones(
+    data_dir, tmp_path, monkeypatch):
+  study, _ = write_phased_study(data_dir, tmp_path)
+  specs = study_results.all_specs(study)
+  partial = specs[0]
+  (partial.run_dir / 'summary.json').unlink()  # killed before its summary
+  calls = []
+
+  def fake_execute(run_dir, values, state, prune):
+    calls.append((run_dir, state))
+    return {'status': 'done', 'summary': {}, 'wall_s': 0.0}
+
+  monkeypatch.setattr(study_runner, 'execute_run', fake_execute)
+  runner = study_runner.Runner(study, 1, quiet)
+  runner.run(specs, 'all')
+  assert calls == [(str(partial.run_dir), 'partial')]
+  skipped = {p for p, r in runner.results.items() if r['status'] == 'skipped'}
+  assert skipped == {s.run_dir for s in specs} - {partial.run_dir}
+  diverged = [s for s in specs if s.phase == 'sweep' and
+              SWEEP_LOSS[s.optimizer, s.learning_rate] is None]
+  assert {runner.results[s.run_dir]['state'] for s in diverged} == {
+      'diverged'}
+
+
+def test_the_stop_event_reaches_a_worker_as_sigterm():
+  import signal
+  import threading
+  saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  event = threading.Event()
+  try:
+    study_runner._worker_init(event)  # pylint: disable=protected-access
+    event.set()
+    for _ in range(200):
+      if study_runner._STOP_REQUESTED:  # pylint: disable=protected-access
+        break
+      threading.Event().wait(0.01)
+    assert study_runner._STOP_REQUESTED == ['SIGTERM']  # pylint: disable=protected-access
+  finally:
+    study_runner._STOP_REQUESTED.clear()  # pylint: disable=protected-access
+    for s, handler in saved.items():
+      signal.signal(s, handler)
+
+
 @pytest.mark.parametrize('name', ['study', 'study_quick'])
 def test_shipped_study_configs(name):
   study = study_lib.load_study(REPO / 'configs' / f'{name}.yaml')
@@ -240,6 +490,51 @@ def test_shipped_study_configs(name):
             'scale_first_last'} <= set(study.optimizers)
     assert {'sgd_row_norm', 'scale_row_norm'} & set(study.optimizers)
     assert 'sgd_column_norm' in study.diagnostics_optimizers
+
+
+def test_the_study_is_the_papers_table_at_20_tokens_per_parameter():
+  from train.model import param_count
+  study = study_lib.load_study(REPO / 'configs' / 'study.yaml')
+  assert set(study_paper.TABLE) | set(study_paper.ABLATIONS) <= set(
+      study.optimizers)
+  assert study.phases == ('sweep', 'long') and study.long_neighbours == 1
+  for name in study.optimizers:
+    sweep = study_config.run_config(study, 'sweep', name, 1e-3, 0)
+    long = study_config.run_config(study, 'long', name, 1e-3, 0)
+    tokens = long.train.steps * long.data.batch_size * long.data.seq_len
+    assert tokens >= 20 * param_count(long.model)
+    assert sweep.train.steps < long.train.steps
+    assert long.optimizer.grad_clip is None
+    assert (long.optimizer.warmup_ratio, long.optimizer.min_lr_ratio) == (
+        0.1, 0.1)
+    assert long.data.name == 'python_source'
+    if name.startswith('scale') or name.startswith('sgd_'):
+      assert (long.optimizer.vector_learning_rate,
+              long.optimizer.vector_adam) == (2e-2, 'authors')
+  assert len(study.seeds) + len(study.finalist_seeds) == 2
+
+
+def test_gpu_study_is_a_20_to_60m_model_on_python_source():
+  from train.model import param_count
+  study = study_lib.load_study(REPO / 'configs' / 'study_gpu.yaml')
+  assert set(study.optimizers) == set(study_paper.TABLE)
+  config = study_config.run_config(study, 'long', 'scale', 1e-3, 0)
+  assert 20e6 <= param_count(config.model) <= 60e6
+  assert config.data.name == 'python_source'
+  assert config.optimizer.grad_clip is None
+
+
+@pytest.mark.slow
+def test_gpu_study_run_trains_two_steps_on_cpu(tmp_path):
+  from train.config import build_config
+  study = study_lib.load_study(REPO / 'configs' / 'study_gpu.yaml')
+  for name in ('scale', 'galore'):
+    values = to_dict(study_config.run_config(study, 'sweep', name, 1e-3, 0))
+    values['train'].update(steps=2, eval_every=2, checkpoint_every=2,
+                           eval_tokens=1024, run_dir=str(tmp_path / name))
+    values['data'].update(batch_size=4, data_dir=str(tmp_path / 'data'))
+    summary = train(build_config(values), resume=False)
+    assert summary['steps'] == 2 and math.isfinite(summary['eval_loss'])
 
 
 # --------------------------------------------------------------------------
@@ -342,7 +637,8 @@ def test_quick_study_end_to_end_in_two_processes(tmp_path):
   study = study_lib.parse_study(values)
   out = study_lib.run_study(study, jobs=2, say=quiet)
   assert out['errors'] == 0
-  assert len(out['results']) == 8
+  # 3 optimizers x 2 rates, each one's best rate long, 2 finalists' seeds.
+  assert len(out['results']) == 6 + 3 + 2
   assert {r['status'] for r in out['results'].values()} == {'done'}
   for name in ('loss_vs_tokens', 'ppl_vs_memory', 'lr_sensitivity',
                'grad_variance'):

@@ -9,12 +9,13 @@ import os
 import pathlib
 from typing import Any, Optional, Sequence
 
-from ..config import (CONFIG_DIR, Config, ConfigError, _build,
-                      read_yaml_file, validate)
+from ..config import (CONFIG_DIR, Config, ConfigError, build_config,
+                      read_yaml_file)
 
 
 DEFAULT_CONFIG = CONFIG_DIR / 'study.yaml'
 QUICK_CONFIG = CONFIG_DIR / 'study_quick.yaml'
+SWEEP, LONG = 'sweep', 'long'  # The phases: short runs, then long ones.
 
 # Keys of the trainer config the study sets per run (not allowed in `base`).
 _STUDY_OWNED = {
@@ -25,8 +26,9 @@ _STUDY_OWNED = {
     ('train', 'diagnostics_every'): 'diagnostics.every',
     ('train', 'diagnostics_microbatches'): 'diagnostics.microbatches',
 }
-_TOP_KEYS = ('title', 'output_dir', 'docs_dir', 'base', 'optimizers', 'seeds',
-             'finalists', 'diagnostics', 'prune_checkpoints')
+_TOP_KEYS = ('title', 'output_dir', 'docs_dir', 'base', 'overrides',
+             'optimizers', 'seeds', 'sweep', 'long', 'finalists',
+             'diagnostics', 'prune_checkpoints')
 
 
 class StudyConfigError(ConfigError):
@@ -41,6 +43,11 @@ class Study:
   base: dict[str, Any]
   optimizers: dict[str, tuple[float, ...]]
   seeds: tuple[int, ...]
+  overrides: dict[str, dict[str, Any]] = dataclasses.field(
+      default_factory=dict)
+  sweep_train: dict[str, Any] = dataclasses.field(default_factory=dict)
+  long_train: Optional[dict[str, Any]] = None
+  long_neighbours: int = 1
   finalists_always: tuple[str, ...] = ()
   finalists_top: int = 0
   finalist_seeds: tuple[int, ...] = ()
@@ -51,10 +58,20 @@ class Study:
   title: str = 'study'
   source: Optional[str] = None
 
+  @property
+  def phases(self) -> tuple[str, ...]:
+    return (SWEEP, LONG) if self.long_train is not None else (SWEEP,)
+
+  @property
+  def final_phase(self) -> str:
+    """The phase whose runs make the table (and get the finalist seeds)."""
+    return self.phases[-1]
+
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """One trainer run of the grid."""
+  phase: str
   optimizer: str
   learning_rate: float
   seed: int
@@ -63,7 +80,8 @@ class RunSpec:
 
   @property
   def label(self) -> str:
-    return f'{self.optimizer} lr={self.learning_rate:g} seed={self.seed}'
+    return (f'{self.phase} {self.optimizer} lr={self.learning_rate:g} '
+            f'seed={self.seed}')
 
 
 def _err(key: str, message: str) -> StudyConfigError:
@@ -192,18 +210,61 @@ def parse_study(values: Any, source: Optional[str] = None) -> Study:
   prune = values.get('prune_checkpoints', True)
   if not isinstance(prune, bool):
     raise _err('prune_checkpoints', f'expected true or false, got {prune!r}.')
+  sweep = _train_section('sweep', values.get('sweep'), ())
+  long = None
+  neighbours = 1
+  if values.get('long') is not None:
+    long = _train_section('long', values['long'], ('neighbours',))
+    neighbours = long.pop('neighbours', 1)
+    if not _is_int(neighbours) or neighbours < 0:
+      raise _err('long.neighbours', f'expected an integer >= 0, got '
+                 f'{neighbours!r}.')
+  overrides = _mapping('overrides', values.get('overrides'), list(optimizers))
+  for name, sections in overrides.items():
+    _check_sections(f'overrides.{name}', sections)
 
   study = Study(output_dir=pathlib.Path(output_dir),
                 docs_dir=pathlib.Path(docs_dir), base=copy.deepcopy(base),
-                optimizers=optimizers, seeds=seeds, finalists_always=always,
+                optimizers=optimizers, seeds=seeds,
+                overrides=copy.deepcopy(overrides), sweep_train=sweep,
+                long_train=long, long_neighbours=neighbours,
+                finalists_always=always,
                 finalists_top=top, finalist_seeds=fseeds,
                 diagnostics_optimizers=diag_opts, diagnostics_every=every,
                 diagnostics_microbatches=micro, prune_checkpoints=prune,
                 title=title, source=source)
-  # The trainer's own validation, once per optimizer (names `base.<key>`).
+  # The trainer's own validation, once per optimizer and phase (names
+  # `base.<key>`).
   for name, rates in optimizers.items():
-    run_config(study, name, rates[0], seeds[0])
+    for phase in study.phases:
+      run_config(study, phase, name, rates[0], seeds[0])
   return study
+
+
+def _check_sections(key: str, sections: Any) -> None:
+  """``sections`` is a partial trainer config without the study's keys."""
+  if not isinstance(sections, dict):
+    raise _err(key, f'expected a mapping of trainer config sections, got '
+               f'{sections!r}.')
+  for (section, name), owner in _STUDY_OWNED.items():
+    if isinstance(sections.get(section), dict) and name in sections[section]:
+      raise _err(f'{key}.{section}.{name}', f'is set by the study per run; '
+                 f'use `{owner}` instead.')
+
+
+def _train_section(key: str, value: Any, extra: Sequence[str]
+                   ) -> dict[str, Any]:
+  """A phase's ``train`` keys (``steps``, ``eval_every``, ...) plus ``extra``."""
+  if value is None:
+    return {}
+  if not isinstance(value, dict):
+    raise _err(key, f'expected a mapping of train keys, got {value!r}.')
+  value = dict(value)
+  for name in value:
+    if ('train', name) in _STUDY_OWNED:
+      raise _err(f'{key}.{name}', f'is set by the study per run; use '
+                 f'`{_STUDY_OWNED["train", name]}` instead.')
+  return value
 
 
 def load_study(path: str | os.PathLike) -> Study:
@@ -216,29 +277,43 @@ def lr_tag(lr: float) -> str:
   return f'lr_{lr:g}'
 
 
-def run_dir(study: Study, optimizer: str, lr: float, seed: int) -> pathlib.Path:
-  return study.output_dir / optimizer / lr_tag(lr) / f'seed_{seed}'
+def run_dir(study: Study, phase: str, optimizer: str, lr: float, seed: int
+            ) -> pathlib.Path:
+  return study.output_dir / phase / optimizer / lr_tag(lr) / f'seed_{seed}'
 
 
-def run_config(study: Study, optimizer: str, lr: float, seed: int) -> Config:
-  """The trainer config of one run: ``base`` plus the study's keys."""
-  values = copy.deepcopy(study.base)
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+  """``base`` with each section of ``override`` merged into its own."""
+  out = copy.deepcopy(base)
+  for section, values in override.items():
+    if isinstance(values, dict) and isinstance(out.get(section), dict):
+      out[section] = _merged(out[section], values)
+    else:
+      out[section] = copy.deepcopy(values)
+  return out
+
+
+def run_config(study: Study, phase: str, optimizer: str, lr: float,
+               seed: int) -> Config:
+  """The trainer config of one run: ``base``, then the optimizer's
+  ``overrides``, then the phase's train keys and the study's keys."""
+  values = _merged(study.base, study.overrides.get(optimizer, {}))
   for section in ('optimizer', 'train'):
     if not isinstance(values.setdefault(section, {}), dict):
       raise _err(f'base.{section}', f'expected a mapping, got '
                  f'{values[section]!r}.')
+  values['train'].update(study.sweep_train if phase == SWEEP
+                         else study.long_train)
   values['optimizer'].update(name=optimizer, learning_rate=lr)
-  values['train'].update(seed=seed, progress=False,
-                         run_dir=str(run_dir(study, optimizer, lr, seed)))
+  values['train'].update(
+      seed=seed, progress=False,
+      run_dir=str(run_dir(study, phase, optimizer, lr, seed)))
   if optimizer in study.diagnostics_optimizers:
     values['train'].update(
         diagnostics_every=study.diagnostics_every,
         diagnostics_microbatches=study.diagnostics_microbatches)
   try:
-    config = _build(Config, values, 'base.')
-    validate(config)
-  except StudyConfigError:
-    raise
+    return build_config(values, 'base.')
   except ConfigError as e:
     message = str(e)
     for (section, key), owner in _STUDY_OWNED.items():
@@ -249,16 +324,18 @@ def run_config(study: Study, optimizer: str, lr: float, seed: int) -> Config:
       if not message.startswith('base.'):
         message = f'base.{message}'
     raise StudyConfigError(message) from None
-  return config
+
+
+def spec(study: Study, phase: str, optimizer: str, lr: float, seed: int
+         ) -> RunSpec:
+  """The run of ``optimizer`` at ``lr`` and ``seed`` in ``phase``."""
+  return RunSpec(phase, optimizer, lr, seed,
+                 run_dir(study, phase, optimizer, lr, seed),
+                 run_config(study, phase, optimizer, lr, seed))
 
 
 def sweep_specs(study: Study) -> list[RunSpec]:
   """Phase 1: every optimizer at every learning rate of its sweep."""
-  return [_spec(study, name, lr, seed)
+  return [spec(study, SWEEP, name, lr, seed)
           for name, rates in study.optimizers.items()
           for lr in rates for seed in study.seeds]
-
-
-def _spec(study: Study, name: str, lr: float, seed: int) -> RunSpec:
-  return RunSpec(name, lr, seed, run_dir(study, name, lr, seed),
-                 run_config(study, name, lr, seed))

@@ -7,7 +7,7 @@ import pathlib
 import statistics
 from typing import Optional
 
-from .config import Study
+from .config import SWEEP, Study
 
 
 _COLORS = {
@@ -15,7 +15,9 @@ _COLORS = {
     'sgd_column_norm': '#ff7f0e', 'sgd': '#7f7f7f', 'sgd_momentum': '#bcbd22',
     'sgd_row_norm': '#9467bd', 'scale_row_norm': '#8c564b',
     'scale_first_last': '#e377c2', 'scale_sign': '#17becf',
-    'adafactor': '#393b79', 'lion': '#637939',
+    'adafactor': '#393b79', 'lion': '#637939', 'stable_spam': '#9edae5',
+    'galore': '#8c6d31', 'fira': '#e7969c', 'swan': '#5254a3',
+    'apollo': '#31a354', 'apollo_mini': '#756bb1',
 }
 _LABELS = {
     'scale': 'SCALE', 'adamw': 'AdamW', 'muon': 'Muon', 'sgd': 'SGD',
@@ -23,6 +25,8 @@ _LABELS = {
     'scale_row_norm': 'SCALE, row-norm', 'sgd_momentum': 'SGD + momentum',
     'scale_first_last': 'SCALE + embedding momentum',
     'scale_sign': 'SCALE, sign', 'adafactor': 'Adafactor', 'lion': 'Lion',
+    'stable_spam': 'Stable-SPAM', 'galore': 'GaLore', 'fira': 'Fira',
+    'swan': 'SWAN', 'apollo': 'APOLLO', 'apollo_mini': 'APOLLO-Mini',
 }
 
 
@@ -30,7 +34,8 @@ def _color(name: str) -> str:
   return _COLORS.get(name, 'black')
 
 
-def _label(name: str) -> str:
+def label(name: str) -> str:
+  """The optimizer's name as the paper writes it."""
   return _LABELS.get(name, name)
 
 
@@ -68,12 +73,15 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _best_runs(rows, results):
-  """{optimizer: [rows of its finished runs at its best LR]}, table order."""
-  best = {r['optimizer']: r['learning_rate'] for r in results if r['best_lr']}
+def best_runs(rows, results):
+  """{optimizer: [rows of its finished runs at its best LR]}, table order,
+  in the last phase that has a best rate for it."""
+  best = {r['optimizer']: (r.get('phase'), r['learning_rate'])
+          for r in results if r['best_lr']}
   out = {}
-  for name, lr in best.items():
+  for name, (phase, lr) in best.items():
     runs = [r for r in rows if r['optimizer'] == name
+            and r.get('phase') == phase
             and r['learning_rate'] == lr and r['status'] == 'done']
     if runs:
       out[name] = sorted(runs, key=lambda r: r['seed'])
@@ -89,7 +97,7 @@ def plot_loss_curves(rows, results, info, path: pathlib.Path) -> pathlib.Path:
   """Eval loss against tokens, each optimizer at its best learning rate:
   mean over seeds, the band spans the seeds' min and max."""
   plt = _pyplot()
-  best = _best_runs(rows, results)
+  best = best_runs(rows, results)
   finalists = {r['optimizer'] for r in results if r['finalist']}
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
   lows = []
@@ -103,11 +111,11 @@ def plot_loss_curves(rows, results, info, path: pathlib.Path) -> pathlib.Path:
     hi = [max(c[t] for c in curves) for t in tokens]
     lows.append(min(lo))
     is_final = name in finalists
-    label = (f'{_label(name)} (lr {runs[0]["learning_rate"]:g}, '
-             f'{len(runs)} seed{"s" if len(runs) > 1 else ""})')
+    text = (f'{label(name)} (lr {runs[0]["learning_rate"]:g}, '
+            f'{len(runs)} seed{"s" if len(runs) > 1 else ""})')
     for ax in axes:
       ax.plot(tokens, mean, '-o' if is_final else '--o', color=_color(name),
-              lw=2 if is_final else 1.2, ms=3, label=label)
+              lw=2 if is_final else 1.2, ms=3, label=text)
       if len(runs) > 1:
         ax.fill_between(tokens, lo, hi, color=_color(name), alpha=0.2, lw=0)
   unigram = info.get('unigram_perplexity')
@@ -147,7 +155,7 @@ def plot_memory(results, info, path: pathlib.Path) -> pathlib.Path:
     ax.errorbar([x], [r['eval_ppl_mean']], yerr=[[r['eval_ppl_std'] or 0],
                                                  [r['eval_ppl_std'] or 0]],
                 fmt='o', color=_color(r['optimizer']), ms=8, capsize=3)
-    ax.annotate(f'{_label(r["optimizer"])}\nstate '
+    ax.annotate(f'{label(r["optimizer"])}\nstate '
                 f'{r["opt_state_bytes"] / 1e6:.2f} MB',
                 (x, r['eval_ppl_mean']), textcoords='offset points',
                 xytext=(-7, 4) if left else (7, 4),
@@ -170,24 +178,30 @@ def plot_memory(results, info, path: pathlib.Path) -> pathlib.Path:
 
 
 def plot_lr_sensitivity(rows, results, path: pathlib.Path,
-                        focus=('scale', 'adamw')) -> pathlib.Path:
+                        sweep_results=None,
+                        focus=('scale', 'adamw', 'stable_spam')
+                        ) -> pathlib.Path:
   """Final eval perplexity against the learning rate (the paper's Figure 5):
-  SCALE and AdamW on the left, every optimizer's sweep on the right. Crosses
-  at the top mark diverged runs."""
+  SCALE, AdamW and Stable-SPAM on the left (``results``: the final phase),
+  every optimizer's sweep on the right (``sweep_results``, default
+  ``results``). Crosses at the top mark diverged runs."""
   plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-  names = list(dict.fromkeys(r['optimizer'] for r in results))
-  finite = [r['eval_ppl_mean'] for r in results if r['eval_ppl_mean']]
+  sweep_results = results if sweep_results is None else sweep_results
+  names = list(dict.fromkeys(r['optimizer'] for r in sweep_results))
+  finite = [r['eval_ppl_mean'] for r in results + sweep_results
+            if r['eval_ppl_mean']]
   ceiling = max(finite) * 1.5 if finite else 1.0
   for ax, subset in ((axes[0], [n for n in names if n in focus]),
                      (axes[1], names)):
+    results = sweep_results if ax is axes[1] else results
     for name in subset:
       pts = [(r['learning_rate'], r['eval_ppl_mean']) for r in results
              if r['optimizer'] == name and r['eval_ppl_mean'] is not None]
       bad = [r['learning_rate'] for r in results
              if r['optimizer'] == name and r['n_diverged'] and not r['n_runs']]
       if pts:
-        ax.plot(*zip(*pts), '-o', color=_color(name), label=_label(name),
+        ax.plot(*zip(*pts), '-o', color=_color(name), label=label(name),
                 lw=2 if ax is axes[0] else 1.2, ms=5)
       if bad:
         ax.plot(bad, [ceiling] * len(bad), 'x', color=_color(name), ms=9,
@@ -208,10 +222,11 @@ def plot_lr_sensitivity(rows, results, path: pathlib.Path,
     ax.set_ylabel('final eval perplexity (log scale)')
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=8)
-  axes[0].set_title('Learning-rate sensitivity: SCALE vs AdamW\n(line: mean '
-                    'over seeds; dots: single runs; x: diverged)', fontsize=9)
-  axes[1].set_title('Every optimizer\'s sweep (learning rates are not '
-                    'comparable across optimizers)', fontsize=9)
+  axes[0].set_title('Learning-rate sensitivity: SCALE, AdamW, Stable-SPAM\n'
+                    '(line: mean over seeds; dots: single runs; x: '
+                    'diverged)', fontsize=9)
+  axes[1].set_title('Every optimizer\'s sweep (short runs; learning rates '
+                    'are not comparable across optimizers)', fontsize=9)
   return _save(fig, path)
 
 
@@ -222,7 +237,7 @@ def plot_gradient_variance(study, rows, results, path: pathlib.Path
   best-LR run (first seed)."""
   from ..diagnostics import group_order  # pylint: disable=g-import-not-at-top
   plt = _pyplot()
-  best = _best_runs(rows, results)
+  best = best_runs(rows, results)
   panels = []
   for name in study.diagnostics_optimizers:
     run = best.get(name, [None])[0]
@@ -253,7 +268,7 @@ def plot_gradient_variance(study, rows, results, path: pathlib.Path
               **style)
     ax.set_yscale('log')
     ax.set_xlabel('step')
-    ax.set_title(f'{_label(name)} (lr {run["learning_rate"]:g}, seed '
+    ax.set_title(f'{label(name)} (lr {run["learning_rate"]:g}, seed '
                  f'{run["seed"]})', fontsize=10)
     ax.grid(alpha=0.3, which='both')
   axes[0][0].set_ylabel('per-sequence gradient variance\n(mean over the '
@@ -264,14 +279,20 @@ def plot_gradient_variance(study, rows, results, path: pathlib.Path
 
 def plot_all(study: Study, rows, results, info, docs: pathlib.Path
              ) -> dict[str, pathlib.Path]:
-  """Writes every plot that has data; returns ``{name: path}``."""
+  """Writes every plot that has data; returns ``{name: path}``. The plots
+  show the final phase's runs (the sweep's too for the learning rates)."""
+  final = [r for r in results if r['phase'] == study.final_phase]
+  rows = [r for r in rows if r['phase'] == study.final_phase]
+  sweep = [r for r in results if r['phase'] == SWEEP]
   paths = {
-      'loss_vs_tokens': plot_loss_curves(rows, results, info,
+      'loss_vs_tokens': plot_loss_curves(rows, final, info,
                                          docs / 'loss_vs_tokens.png'),
-      'ppl_vs_memory': plot_memory(results, info, docs / 'ppl_vs_memory.png'),
-      'lr_sensitivity': plot_lr_sensitivity(rows, results,
-                                            docs / 'lr_sensitivity.png'),
+      'ppl_vs_memory': plot_memory(final, info, docs / 'ppl_vs_memory.png'),
+      'lr_sensitivity': plot_lr_sensitivity(rows, final,
+                                            docs / 'lr_sensitivity.png',
+                                            sweep_results=sweep),
   }
+  results = final
   variance = plot_gradient_variance(study, rows, results,
                                     docs / 'grad_variance.png')
   if variance:

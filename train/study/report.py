@@ -8,17 +8,18 @@ import pathlib
 import statistics
 from typing import Any, Optional, Sequence
 
-from .config import Study, run_config
-from .plots import _best_runs, plot_all
+from .config import SWEEP, Study, run_config
+from .page import results_page
+from .plots import best_runs, plot_all
 from .results import aggregate, all_specs, collect_run
-from .runner import _read_json
+from .runner import read_json
 
 
-RUN_COLUMNS = ('optimizer', 'learning_rate', 'seed', 'status', 'steps',
+RUN_COLUMNS = ('phase', 'optimizer', 'learning_rate', 'seed', 'status', 'steps',
                'tokens', 'eval_loss', 'eval_perplexity', 'final_train_loss',
                'opt_state_bytes', 'param_bytes', 'tokens_per_s', 'wall_s',
                'run_dir')
-RESULT_COLUMNS = ('optimizer', 'learning_rate', 'seeds', 'n_runs',
+RESULT_COLUMNS = ('phase', 'optimizer', 'learning_rate', 'seeds', 'n_runs',
                   'n_diverged', 'n_missing', 'eval_loss_mean', 'eval_loss_std',
                   'eval_ppl_mean', 'eval_ppl_std', 'eval_ppl_min',
                   'eval_ppl_max', 'opt_state_bytes', 'param_bytes',
@@ -43,11 +44,6 @@ def write_csv(path: pathlib.Path, rows: list[dict[str, Any]],
       writer.writerow([_csv_value(row.get(c)) for c in columns])
 
 
-def read_csv(path: pathlib.Path) -> list[dict[str, str]]:
-  with path.open(newline='') as f:
-    return list(csv.DictReader(f))
-
-
 def _fmt_ppl(mean, std) -> str:
   if mean is None:
     return '—'
@@ -63,11 +59,16 @@ def _fmt_bytes(n) -> str:
 def setting(study: Study) -> dict[str, Any]:
   """The experimental setting, for the report."""
   from ..model import param_count  # pylint: disable=g-import-not-at-top
-  config = run_config(study, next(iter(study.optimizers)),
-                      next(iter(study.optimizers.values()))[0], study.seeds[0])
+  name, rates = next(iter(study.optimizers.items()))
+  config = run_config(study, study.final_phase, name, rates[0],
+                      study.seeds[0])
+  sweep = run_config(study, SWEEP, name, rates[0], study.seeds[0])
   m, d, o, t = config.model, config.data, config.optimizer, config.train
+  params = param_count(m)
   return {
-      'params': param_count(m), 'vocab_size': m.vocab_size,
+      'params': params, 'embedding_params': 2 * m.vocab_size * m.d_model,
+      'non_embedding_params': params - 2 * m.vocab_size * m.d_model,
+      'vocab_size': m.vocab_size, 'sweep_steps': sweep.train.steps,
       'd_model': m.d_model, 'n_layers': m.n_layers, 'n_heads': m.n_heads,
       'd_ff': m.d_ff, 'seq_len': d.seq_len, 'batch_size': d.batch_size,
       'steps': t.steps, 'tokens': t.steps * d.batch_size * d.seq_len,
@@ -115,7 +116,8 @@ def markdown_table(study: Study, results: list[dict[str, Any]],
       'weights + state (MB) |',
       '|---|---|---|---|---|---|---|---|',
   ]
-  best = [r for r in results if r['best_lr']]
+  best = [r for r in results if r['best_lr']
+          and r['phase'] == study.final_phase]
   best.sort(key=lambda r: r['eval_loss_mean'])
   for r in best:
     total = (r['param_bytes'] + r['opt_state_bytes']) / 1e6
@@ -131,11 +133,11 @@ def markdown_table(study: Study, results: list[dict[str, Any]],
     lines.append(f'| {n} | — | — | — | no finished run | — | — | — |')
   lines += [
       '',
-      '## Learning-rate sweep',
+      '## Every learning rate (the sweep\'s short runs, then the long ones)',
       '',
-      '| optimizer | learning rate | seeds | eval loss | eval perplexity '
-      '(mean ± std) | status |',
-      '|---|---|---|---|---|---|',
+      '| optimizer | learning rate | phase (steps) | seeds | eval loss | '
+      'eval perplexity (mean ± std) | status |',
+      '|---|---|---|---|---|---|---|',
   ]
   for r in results:
     status = []
@@ -148,7 +150,8 @@ def markdown_table(study: Study, results: list[dict[str, Any]],
     loss = f'{r["eval_loss_mean"]:.4f}' if r['eval_loss_mean'] is not None \
         else '—'
     lines.append(
-        f'| {r["optimizer"]} | {r["learning_rate"]:g} | {r["seeds"] or "—"} '
+        f'| {r["optimizer"]} | {r["learning_rate"]:g} | {r["phase"]} '
+        f'({r["steps"] or "—"}) | {r["seeds"] or "—"} '
         f'| {loss} | {_fmt_ppl(r["eval_ppl_mean"], r["eval_ppl_std"])} '
         f'| {", ".join(status)} |')
   return '\n'.join(lines) + '\n'
@@ -161,7 +164,7 @@ VARIANCE_COLUMNS = ('optimizer', 'learning_rate', 'seed', 'step', 'tokens',
 def variance_rows(study: Study, rows, results) -> list[dict[str, Any]]:
   """The 'diagnostics' records of each diagnosed optimizer's best-LR run
   (its first seed): one row per step and param group."""
-  best = _best_runs(rows, results)
+  best = best_runs(rows, results)
   out = []
   for name in study.diagnostics_optimizers:
     if name not in best:
@@ -234,9 +237,10 @@ def write_report(study: Study, rows: Optional[list[dict[str, Any]]] = None,
     rows = [collect_run(s) for s in all_specs(study)]
   results = aggregate(rows, study)
   info = setting(study)
-  meta = _read_json(study.output_dir / 'study.json') or {}
-  if meta.get('unigram_perplexity'):
-    info['unigram_perplexity'] = meta['unigram_perplexity']
+  meta = read_json(study.output_dir / 'study.json') or {}
+  for key in ('unigram_perplexity', 'train_tokens'):
+    if meta.get(key):
+      info[key] = meta[key]
   docs = study.docs_dir
   docs.mkdir(parents=True, exist_ok=True)
   paths = {'runs_csv': docs / 'runs.csv', 'results_csv': docs / 'results.csv',
@@ -251,6 +255,10 @@ def write_report(study: Study, rows: Optional[list[dict[str, Any]]] = None,
     write_csv(paths['variance_csv'], vrows, VARIANCE_COLUMNS)
     table += '\n' + variance_markdown(vrows)
   paths['table_md'].write_text(table)
+  paths['results_md'] = docs / 'results.md'
+  paths['results_md'].write_text(results_page(
+      study, results, info, vrows,
+      read_json(study.output_dir / 'estimate.json')))
   paths['setting_json'].write_text(json.dumps(info, indent=2) + '\n')
   paths.update(plot_all(study, rows, results, info, docs))
   say(f'report: {", ".join(str(p) for p in paths.values())}')

@@ -1,52 +1,40 @@
-"""Collecting results."""
+"""Collecting results: one row per run, statistics per learning rate, the
+best rates, the long runs and the finalists."""
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import statistics
 from typing import Any, Optional
 
-from .config import RunSpec, Study, _spec, sweep_specs
-from .runner import _read_json, run_state
+from ..metrics import read_records
+from .config import LONG, SWEEP, RunSpec, Study, spec, sweep_specs
+from .runner import read_json, run_state
 
 
-def _records(run_dir_path: pathlib.Path) -> list[dict[str, Any]]:
+def records(run_dir_path: pathlib.Path) -> list[dict[str, Any]]:
+  """The run's ``metrics.jsonl`` records ([] without the file)."""
   path = run_dir_path / 'metrics.jsonl'
-  out = []
-  if path.exists():
-    for line in path.read_text().splitlines():
-      try:
-        out.append(json.loads(line))
-      except ValueError:
-        pass
-  return out
+  return read_records(path) if path.exists() else []
 
 
-def collect_run(spec: RunSpec) -> dict[str, Any]:
+def collect_run(run: RunSpec) -> dict[str, Any]:
   """One row of ``runs.csv`` (plus the run's curves under ``'records'``)."""
-  state = run_state(spec)
+  state = run_state(run)
   row: dict[str, Any] = {
-      'optimizer': spec.optimizer, 'learning_rate': spec.learning_rate,
-      'seed': spec.seed, 'status': state if state in ('done', 'diverged')
-      else 'missing'}
-  summary = _read_json(spec.run_dir / 'summary.json') if state == 'done' else None
-  records = _records(spec.run_dir) if state in ('done', 'diverged') else []
-  train_losses = [r['loss'] for r in records if r.get('kind') == 'train'
+      'phase': run.phase, 'optimizer': run.optimizer,
+      'learning_rate': run.learning_rate, 'seed': run.seed,
+      'status': state if state in ('done', 'diverged') else 'missing'}
+  summary = read_json(run.run_dir / 'summary.json') if state == 'done' else None
+  recs = records(run.run_dir) if state in ('done', 'diverged') else []
+  train_losses = [r['loss'] for r in recs if r.get('kind') == 'train'
                   and not r.get('skipped')]
-  row.update(
-      steps=summary['steps'] if summary else None,
-      tokens=summary['tokens'] if summary else None,
-      eval_loss=summary['eval_loss'] if summary else None,
-      eval_perplexity=summary['eval_perplexity'] if summary else None,
-      final_train_loss=train_losses[-1] if train_losses else None,
-      opt_state_bytes=summary['opt_state_bytes'] if summary else None,
-      param_bytes=summary['param_bytes'] if summary else None,
-      tokens_per_s=summary['tokens_per_s'] if summary else None,
-      wall_s=summary['wall_s'] if summary else None,
-      run_dir=str(spec.run_dir))
-  row['records'] = records
+  for key in ('steps', 'tokens', 'eval_loss', 'eval_perplexity',
+              'opt_state_bytes', 'param_bytes', 'tokens_per_s', 'wall_s'):
+    row[key] = summary[key] if summary else None
+  row.update(final_train_loss=train_losses[-1] if train_losses else None,
+             run_dir=str(run.run_dir), records=recs)
   return row
 
 
@@ -58,51 +46,72 @@ def _std(xs):
   return statistics.stdev(xs) if len(xs) > 1 else None
 
 
+def _phase_rows(rows, phase):
+  return [r for r in rows if r.get('phase', SWEEP) == phase]
+
+
+def phase_rates(rows: list[dict[str, Any]], study: Study, phase: str
+                ) -> dict[str, list[float]]:
+  """Per optimizer, the learning rates of ``phase`` (the sweep's grid, or
+  the rates that have long runs), in increasing order."""
+  if phase == SWEEP:
+    return {n: sorted(r) for n, r in study.optimizers.items()}
+  out = {n: set() for n in study.optimizers}
+  for r in _phase_rows(rows, phase):
+    out[r['optimizer']].add(r['learning_rate'])
+  return {n: sorted(r) for n, r in out.items()}
+
+
 def aggregate(rows: list[dict[str, Any]], study: Study
               ) -> list[dict[str, Any]]:
-  """One row per (optimizer, learning rate): statistics over seeds."""
-  groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+  """One row per (phase, optimizer, learning rate): statistics over seeds."""
+  groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
   for row in rows:
-    groups.setdefault((row['optimizer'], row['learning_rate']), []).append(row)
-  best = best_learning_rates(rows, study)
+    key = (row.get('phase', SWEEP), row['optimizer'], row['learning_rate'])
+    groups.setdefault(key, []).append(row)
   finalists = select_finalists(rows, study)
   out = []
-  for name, rates in study.optimizers.items():
-    for lr in rates:
-      runs = groups.get((name, lr), [])
-      done = [r for r in runs if r['status'] == 'done']
-      diverged = [r for r in runs if r['status'] == 'diverged']
-      losses = [r['eval_loss'] for r in done]
-      ppls = [r['eval_perplexity'] for r in done]
-      ref = done[0] if done else {}
-      out.append({
-          'optimizer': name, 'learning_rate': lr,
-          'seeds': ' '.join(str(r['seed']) for r in done),
-          'n_runs': len(done), 'n_diverged': len(diverged),
-          'n_missing': len(runs) - len(done) - len(diverged),
-          'eval_loss_mean': _mean(losses), 'eval_loss_std': _std(losses),
-          'eval_ppl_mean': _mean(ppls), 'eval_ppl_std': _std(ppls),
-          'eval_ppl_min': min(ppls) if ppls else None,
-          'eval_ppl_max': max(ppls) if ppls else None,
-          'opt_state_bytes': ref.get('opt_state_bytes'),
-          'param_bytes': ref.get('param_bytes'),
-          'state_over_params': (ref['opt_state_bytes'] / ref['param_bytes']
-                                if ref else None),
-          'steps': ref.get('steps'), 'tokens': ref.get('tokens'),
-          'tokens_per_s_mean': _mean([r['tokens_per_s'] for r in done
-                                      if r['tokens_per_s']]),
-          'best_lr': best.get(name) == lr,
-          'finalist': name in finalists and best.get(name) == lr,
-      })
+  for phase in study.phases:
+    best = best_learning_rates(rows, study, phase)
+    for name, rates in phase_rates(rows, study, phase).items():
+      for lr in rates:
+        runs = groups.get((phase, name, lr), [])
+        done = [r for r in runs if r['status'] == 'done']
+        diverged = [r for r in runs if r['status'] == 'diverged']
+        losses = [r['eval_loss'] for r in done]
+        ppls = [r['eval_perplexity'] for r in done]
+        ref = done[0] if done else {}
+        out.append({
+            'phase': phase, 'optimizer': name, 'learning_rate': lr,
+            'seeds': ' '.join(str(r['seed']) for r in done),
+            'n_runs': len(done), 'n_diverged': len(diverged),
+            'n_missing': len(runs) - len(done) - len(diverged),
+            'eval_loss_mean': _mean(losses), 'eval_loss_std': _std(losses),
+            'eval_ppl_mean': _mean(ppls), 'eval_ppl_std': _std(ppls),
+            'eval_ppl_min': min(ppls) if ppls else None,
+            'eval_ppl_max': max(ppls) if ppls else None,
+            'opt_state_bytes': ref.get('opt_state_bytes'),
+            'param_bytes': ref.get('param_bytes'),
+            'state_over_params': (ref['opt_state_bytes'] / ref['param_bytes']
+                                  if ref else None),
+            'steps': ref.get('steps'), 'tokens': ref.get('tokens'),
+            'tokens_per_s_mean': _mean([r['tokens_per_s'] for r in done
+                                        if r['tokens_per_s']]),
+            'best_lr': best.get(name) == lr,
+            'finalist': (phase == study.final_phase and name in finalists
+                         and best.get(name) == lr),
+        })
   return out
 
 
-def best_learning_rates(rows: list[dict[str, Any]], study: Study
-                        ) -> dict[str, float]:
-  """Per optimizer, the sweep learning rate with the lowest mean final eval
-  loss over the sweep seeds (diverged runs count as infinitely bad)."""
+def best_learning_rates(rows: list[dict[str, Any]], study: Study,
+                        phase: str = SWEEP) -> dict[str, float]:
+  """Per optimizer, the learning rate of ``phase`` with the lowest mean final
+  eval loss over the sweep seeds (diverged runs count as infinitely bad; a
+  rate with a missing run is not ranked; ties go to the smaller rate)."""
   best: dict[str, float] = {}
-  for name, rates in study.optimizers.items():
+  rows = _phase_rows(rows, phase)
+  for name, rates in phase_rates(rows, study, phase).items():
     scores = {}
     for lr in rates:
       runs = [r for r in rows if r['optimizer'] == name
@@ -118,15 +127,34 @@ def best_learning_rates(rows: list[dict[str, Any]], study: Study
   return best
 
 
+def long_specs(study: Study, rows: list[dict[str, Any]]) -> list[RunSpec]:
+  """Phase 2: each optimizer's best sweep rate and its ``long.neighbours``
+  neighbours on each side of the sweep grid, long, with the sweep seeds."""
+  if study.long_train is None:
+    return []
+  best = best_learning_rates(rows, study, SWEEP)
+  out = []
+  for name, rates in study.optimizers.items():
+    if name not in best:
+      continue
+    grid = sorted(rates)
+    i, n = grid.index(best[name]), study.long_neighbours
+    out += [spec(study, LONG, name, lr, seed)
+            for lr in grid[max(0, i - n):i + n + 1] for seed in study.seeds]
+  return out
+
+
 def select_finalists(rows: list[dict[str, Any]], study: Study) -> list[str]:
-  """``finalists.always`` plus the ``top`` best others by best-LR eval loss."""
-  best = best_learning_rates(rows, study)
+  """``finalists.always`` plus the ``top`` best others, ranked by the eval
+  loss of their best rate in the final phase."""
+  phase = study.final_phase
+  best = best_learning_rates(rows, study, phase)
 
   def score(name):
-    runs = [r['eval_loss'] for r in rows if r['optimizer'] == name
-            and r['learning_rate'] == best[name] and r['seed'] in study.seeds
-            and r['status'] == 'done']
-    return statistics.fmean(runs)
+    return statistics.fmean(
+        r['eval_loss'] for r in _phase_rows(rows, phase)
+        if r['optimizer'] == name and r['learning_rate'] == best[name]
+        and r['seed'] in study.seeds and r['status'] == 'done')
 
   others = sorted((n for n in best if n not in study.finalists_always),
                   key=score)
@@ -135,16 +163,20 @@ def select_finalists(rows: list[dict[str, Any]], study: Study) -> list[str]:
 
 
 def finalist_specs(study: Study, rows: list[dict[str, Any]]) -> list[RunSpec]:
-  """Phase 2: the finalists' extra seeds at their best learning rate."""
-  best = best_learning_rates(rows, study)
-  return [_spec(study, name, best[name], seed)
+  """The finalists' extra seeds at their best rate of the final phase."""
+  phase = study.final_phase
+  best = best_learning_rates(rows, study, phase)
+  return [spec(study, phase, name, best[name], seed)
           for name in select_finalists(rows, study)
           for seed in study.finalist_seeds if seed not in study.seeds]
 
 
 def all_specs(study: Study, rows: Optional[list[dict[str, Any]]] = None
               ) -> list[RunSpec]:
+  """Every run the study has decided on so far, from the finished ones."""
   sweep = sweep_specs(study)
-  if rows is None:
-    rows = [collect_run(s) for s in sweep]
-  return sweep + finalist_specs(study, rows)
+  sweep_rows = ([collect_run(s) for s in sweep] if rows is None
+                else _phase_rows(rows, SWEEP))
+  longs = long_specs(study, sweep_rows)
+  final_rows = sweep_rows + [collect_run(s) for s in longs]
+  return sweep + longs + finalist_specs(study, final_rows)

@@ -9,14 +9,15 @@ import os
 import pathlib
 import shutil
 import signal
+import threading
 import time
 import traceback
 from concurrent import futures
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
-from ..config import Config, _build, to_dict
+from ..config import Config, build_config, to_dict
 from .config import RunSpec, Study
 
 
@@ -33,12 +34,12 @@ def run_state(spec: RunSpec) -> str:
     return 'new'
   if not config_matches(saved, spec.config):
     return 'new'
-  summary = _read_json(d / 'summary.json')
+  summary = read_json(d / 'summary.json')
   if (summary and summary.get('steps') == spec.config.train.steps
       and not summary.get('stopped_by')
       and summary.get('eval_loss') is not None):
     return 'done'
-  if _read_json(d / 'failed.json'):
+  if read_json(d / 'failed.json'):
     return 'diverged'
   return 'partial'
 
@@ -63,7 +64,9 @@ def config_matches(saved: Any, config: Config) -> bool:
   return True
 
 
-def _read_json(path: pathlib.Path) -> Optional[dict[str, Any]]:
+def read_json(path: pathlib.Path) -> Optional[dict[str, Any]]:
+  """The JSON object in ``path``; None when missing, unreadable or not an
+  object."""
   try:
     value = json.loads(path.read_text())
   except (OSError, ValueError):
@@ -83,14 +86,24 @@ def _clear_stale(d: pathlib.Path) -> None:
 _STOP_REQUESTED: list[str] = []
 
 
-def _worker_init() -> None:
+def _worker_init(stop_event: Any) -> None:
   """In a pool worker: SIGTERM / SIGINT between runs only set a flag
-  (during a run the trainer's own handler saves a checkpoint and returns)."""
+  (during a run the trainer's own handler saves a checkpoint and returns).
+
+  ``stop_event`` set by the parent sends this process SIGTERM (a thread
+  waits on it; Python runs the handler in the main thread), so the parent
+  stops its workers without knowing their process ids.
+  """
   def request_stop(signum, frame):
     del frame
     _STOP_REQUESTED.append(signal.Signals(signum).name)
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, request_stop)
+
+  def relay():
+    stop_event.wait()
+    os.kill(os.getpid(), signal.SIGTERM)
+  threading.Thread(target=relay, daemon=True).start()
 
 
 def execute_run(run_dir_str: str, config_values: dict[str, Any], state: str,
@@ -103,7 +116,7 @@ def execute_run(run_dir_str: str, config_values: dict[str, Any], state: str,
   from ..loop import TrainingError, train  # pylint: disable=g-import-not-at-top
   if _STOP_REQUESTED:  # Stopped before this run began: leave it as it is.
     return {'status': 'stopped', 'error': _STOP_REQUESTED[0], 'wall_s': 0.0}
-  config = _build(Config, config_values, '')
+  config = build_config(config_values)
   d = pathlib.Path(run_dir_str)
   if state == 'new':
     _clear_stale(d)
@@ -134,10 +147,14 @@ def execute_run(run_dir_str: str, config_values: dict[str, Any], state: str,
   return result
 
 
-class _Runner:
-  """Runs specs in this process (jobs=1) or in a pool of spawned workers."""
+class Runner:
+  """Runs specs in this process (jobs=1) or in a pool of spawned workers.
 
-  def __init__(self, study: Study, jobs: int, say):
+  ``results`` maps each run folder to its outcome; ``stopped`` turns true on
+  SIGTERM / Ctrl-C (running trainers save a checkpoint, nothing new starts).
+  """
+
+  def __init__(self, study: Study, jobs: int, say: Callable[..., None]):
     self.study, self.jobs, self.say = study, jobs, say
     self.results: dict[pathlib.Path, dict[str, Any]] = {}
     self.stopped = False
@@ -167,9 +184,11 @@ class _Runner:
     # At most `jobs` runs are submitted at a time, so a stop leaves nothing
     # queued in the pool.
     ctx = multiprocessing.get_context('spawn')
+    stop_event = ctx.Event()
     queue, running, count = list(todo), {}, 0
     with futures.ProcessPoolExecutor(self.jobs, mp_context=ctx,
-                                     initializer=_worker_init) as pool:
+                                     initializer=_worker_init,
+                                     initargs=(stop_event,)) as pool:
 
       def stop(signum, frame):
         # SIGTERM / Ctrl-C: no new runs; each running trainer gets SIGTERM,
@@ -179,9 +198,7 @@ class _Runner:
           self.say(f'{signal.Signals(signum).name}: stopping the running '
                    f'runs (checkpoints are saved)')
         self.stopped = True
-        for process in list(getattr(pool, '_processes', {}).values()):
-          with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGTERM)
+        stop_event.set()
 
       handlers = {s: signal.signal(s, stop)
                   for s in (signal.SIGTERM, signal.SIGINT)}

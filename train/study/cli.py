@@ -1,0 +1,62 @@
+"""The command line of ``python -m train.study``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Optional, Sequence
+
+from ..errors import UsageError, cli
+from .config import DEFAULT_CONFIG, QUICK_CONFIG, load_study
+from .estimate import estimate_study
+from .report import write_report
+from .run import prepare_data, run_study
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m train.study',
+      description='Run a grid of trainer runs (optimizers x learning rates x '
+      'seeds; short sweep, then long runs), resuming finished runs, and '
+      'write a results page, tables and plots.')
+  parser.add_argument('--config', default=None,
+                      help=f'study YAML (default: configs/{DEFAULT_CONFIG.name})')
+  parser.add_argument('--quick', action='store_true',
+                      help=f'the few-minute variant '
+                      f'(configs/{QUICK_CONFIG.name})')
+  parser.add_argument('--jobs', type=int, default=1,
+                      help='parallel trainer processes (default 1: in '
+                      'sequence, in this process)')
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument('--report-only', action='store_true',
+                    help='only rewrite the report from the finished runs')
+  mode.add_argument('--estimate', type=int, nargs='?', const=20, default=None,
+                    metavar='STEPS',
+                    help='time STEPS steps (default 20) of each optimizer and '
+                    'print the study\'s total time; trains nothing else')
+  return parser.parse_args(argv)
+
+
+@cli
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  if args.quick and args.config:
+    raise UsageError('give either --quick or --config')
+  if args.jobs < 1:
+    raise UsageError(f'--jobs must be >= 1, got {args.jobs}')
+  path = QUICK_CONFIG if args.quick else (args.config or DEFAULT_CONFIG)
+  say = lambda *a: print(time.strftime('%H:%M:%S'), *a, flush=True)
+  study = load_study(path)
+  if args.report_only:
+    write_report(study, say=say)
+    return 0
+  if args.estimate is not None:
+    prepare_data(study, say)
+    cost = estimate_study(study, args.estimate, say)
+    out = study.output_dir / 'estimate.json'
+    out.write_text(json.dumps(cost, indent=2) + '\n')
+    say(f'estimate: {out}')
+    return 0
+  outcome = run_study(study, jobs=args.jobs, say=say)
+  return 1 if outcome['errors'] or outcome['stopped'] else 0

@@ -1,0 +1,274 @@
+"""``results.md``: the study's results in the paper's layout, beside the
+paper's numbers, with the figures and a list of the paper's claims that this
+scale agrees or disagrees with (each decided from the runs' numbers)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Optional
+
+from . import paper
+from .config import Study
+from .plots import label
+
+_Row = dict[str, Any]
+
+
+def best_rows(results: list[_Row], study: Study) -> dict[str, _Row]:
+  """Each optimizer's best-rate row of the final phase (with finished runs)."""
+  return {r['optimizer']: r for r in results
+          if r['best_lr'] and r['phase'] == study.final_phase
+          and r['eval_ppl_mean'] is not None}
+
+
+def _memory_mb(row: _Row) -> float:
+  return (row['param_bytes'] + row['opt_state_bytes']) / 1e6
+
+
+def _ppl(row: Optional[_Row]) -> str:
+  if row is None:
+    return 'not run'
+  if row['eval_ppl_std'] is None:
+    return f'{row["eval_ppl_mean"]:.2f}'
+  return f'{row["eval_ppl_mean"]:.2f} ± {row["eval_ppl_std"]:.2f}'
+
+
+def paper_table(best: dict[str, _Row], size: str = '60M') -> list[str]:
+  """The paper's table: this study's perplexity and memory next to the
+  paper's ``size`` column; memory also as a fraction of AdamW's."""
+  adam = best.get('adamw')
+  p_adam = paper.TABLE['adamw'][size][1]
+  lines = [
+      f'| optimizer | perplexity here (best rate; mean ± std over seeds) | '
+      f'best rate | weights + state here (MB, float32) | vs AdamW | paper '
+      f'{size} perplexity | paper {size} memory (GB, bf16) | vs Adam |',
+      '|---|---|---|---|---|---|---|---|',
+  ]
+  for name, sizes in paper.TABLE.items():
+    row = best.get(name)
+    p_ppl, p_mem = sizes[size]
+    mem = f'{_memory_mb(row):.2f}' if row else '—'
+    ratio = (f'{_memory_mb(row) / _memory_mb(adam):.2f}' if row and adam
+             else '—')
+    rate = f'{row["learning_rate"]:g}' if row else '—'
+    lines.append(f'| {label(name)} | {_ppl(row)} | {rate} | {mem} | {ratio} '
+                 f'| {p_ppl:.2f} | {p_mem:.2f} | {p_mem / p_adam:.2f} |')
+  return lines
+
+
+def ablation_table(best: dict[str, _Row]) -> list[str]:
+  """The bottom-up study's rows (with SCALE and AdamW for reference)."""
+  lines = ['| optimizer | perplexity (best rate) | best rate | weights + '
+           'state (MB) |', '|---|---|---|---|']
+  for name in ('adamw', 'sgd', 'sgd_column_norm', 'sgd_row_norm', 'scale',
+               'scale_first_last'):
+    row = best.get(name)
+    lines.append(f'| {label(name)} | {_ppl(row)} | '
+                 f'{row["learning_rate"]:g} | {_memory_mb(row):.2f} |'
+                 if row else f'| {label(name)} | not run | — | — |')
+  return lines
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+  """Spearman's rank correlation (average ranks for ties)."""
+  def ranks(v):
+    order = sorted(range(len(v)), key=lambda i: v[i])
+    out = [0.0] * len(v)
+    i = 0
+    while i < len(order):
+      j = i
+      while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+        j += 1
+      for k in range(i, j + 1):
+        out[order[k]] = (i + j) / 2
+      i = j + 1
+    return out
+  rx, ry = ranks(xs), ranks(ys)
+  mx, my = statistics.fmean(rx), statistics.fmean(ry)
+  cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+  var = math.sqrt(sum((a - mx) ** 2 for a in rx) *
+                  sum((b - my) ** 2 for b in ry))
+  return cov / var if var else float('nan')
+
+
+def lr_sensitivity(results: list[_Row], study: Study, name: str
+                   ) -> Optional[float]:
+  """Mean perplexity of the final phase's other rates over the best rate's
+  (1 = insensitive); None without a best rate and a finished neighbour."""
+  rows = [r for r in results if r['optimizer'] == name
+          and r['phase'] == study.final_phase and r['eval_ppl_mean']]
+  best = [r for r in rows if r['best_lr']]
+  others = [r['eval_ppl_mean'] for r in rows if not r['best_lr']]
+  if not best or not others:
+    return None
+  return statistics.fmean(others) / best[0]['eval_ppl_mean']
+
+
+def _verdict(here: Optional[bool], paper_says: bool) -> str:
+  if here is None:
+    return 'not run'
+  return 'agrees' if here == paper_says else '**disagrees**'
+
+
+def claims(best: dict[str, _Row], results: list[_Row], study: Study,
+           variance: dict[str, float]) -> list[tuple[str, str, str, str]]:
+  """``(claim, the paper, here, verdict)`` for each claim the runs decide."""
+  ppl = {n: r['eval_ppl_mean'] for n, r in best.items()}
+  out = []
+
+  def better(a, b):
+    return None if a not in ppl or b not in ppl else ppl[a] < ppl[b]
+
+  def show(a, b):
+    return ('—' if a not in ppl or b not in ppl else
+            f'{label(a)} {ppl[a]:.2f}, {label(b)} {ppl[b]:.2f}')
+
+  for rival in paper.TABLE:
+    if rival == 'scale':
+      continue
+    p_scale, p_rival = paper.TABLE['scale']['60M'][0], paper.TABLE[rival]['60M'][0]
+    says = p_scale < p_rival
+    out.append((f'SCALE {"beats" if says else "trails"} {label(rival)} '
+                f'(60M)', f'{p_scale:.2f} vs {p_rival:.2f}',
+                show('scale', rival), _verdict(better('scale', rival), says)))
+  mems = {n: _memory_mb(r) for n, r in best.items() if n in paper.TABLE}
+  if 'scale' in mems and len(mems) > 1:
+    least = min(mems, key=mems.get) == 'scale'
+    out.append(('SCALE needs the least weights + state memory of the table',
+                'yes, at every size', f'least: {label(min(mems, key=mems.get))}',
+                _verdict(least, True)))
+  if 'scale' in mems and 'adamw' in mems:
+    out.append(('SCALE / Adam weights + state memory', '0.43 (60M), 0.35 (1B)',
+                f'{mems["scale"] / mems["adamw"]:.2f}', 'a ratio, not a claim'))
+  for a, b, text in (
+      ('adamw', 'sgd', 'plain SGD trails Adam far behind (Figure 2)'),
+      ('sgd_column_norm', 'sgd', 'column-normalized SGD beats plain SGD'),
+      ('sgd_column_norm', 'sgd_row_norm',
+       'column-wise beats row-wise normalization (Figure 3)'),
+      ('scale', 'sgd_column_norm',
+       'LM-head momentum (SCALE) beats momentum-free column-norm SGD')):
+    out.append((text, 'yes', show(a, b), _verdict(better(a, b), True)))
+  if variance:
+    order = sorted(variance, key=lambda g: -variance[g])
+    out.append(('the LM head has the largest gradient variance, then the '
+                'embedding (Figure 4)', 'yes', ', '.join(order[:3]),
+                _verdict(order[:2] == ['lm_head', 'embed'], True)))
+  s_scale = lr_sensitivity(results, study, 'scale')
+  s_spam = lr_sensitivity(results, study, 'stable_spam')
+  out.append(('SCALE is less sensitive to the learning rate than '
+              'Stable-SPAM (Figure 5)', 'yes (130M)',
+              '—' if s_scale is None or s_spam is None else
+              f'neighbour/best perplexity {s_scale:.3f} vs {s_spam:.3f}',
+              _verdict(None if s_scale is None or s_spam is None
+                       else s_scale < s_spam, True)))
+  return out
+
+
+def variance_means(vrows: list[_Row], optimizer: str) -> dict[str, float]:
+  """Mean gradient variance per group (embedding, layers, LM head) of one
+  diagnosed optimizer's run."""
+  groups: dict[str, list[float]] = {}
+  for r in vrows:
+    if r['optimizer'] == optimizer and (
+        r['group'] in ('embed', 'lm_head') or r['group'].startswith('layer_')):
+      groups.setdefault(r['group'], []).append(r['grad_var'])
+  return {g: statistics.fmean(v) for g, v in groups.items()}
+
+
+def cost_lines(estimate: Optional[dict[str, Any]]) -> list[str]:
+  """The measured cost (``--estimate``), if it was run."""
+  if not estimate:
+    return ['Not measured yet: `python -m train.study --estimate`.']
+  lines = [
+      f'From `python -m train.study --estimate` ({estimate["measured_steps"]} '
+      f'timed steps of each optimizer, {estimate["cpu_count"]} cores, load '
+      f'average up to {estimate["load_average"]:.1f}): '
+      f'**{estimate["cpu_s"] / 3600:.1f} CPU hours** '
+      f'({estimate["wall_s"] / 3600:.1f} hours of wall clock in sequence at '
+      f'that load).', '',
+      '| optimizer | ms CPU / step | ms wall / step | compile (s) | runs | '
+      'CPU hours |', '|---|---|---|---|---|---|']
+  for name, e in estimate['optimizers'].items():
+    runs = ', '.join(f'{n} {p}' for p, n in e['runs'].items())
+    lines.append(f'| {label(name)} | {e["step_cpu_s"] * 1e3:.1f} | '
+                 f'{e["step_s"] * 1e3:.1f} | {e["compile_s"]:.0f} | {runs} | '
+                 f'{e["cpu_s"] / 3600:.2f} |')
+  n = estimate['finalist_runs']
+  lines.append(f'| finalists | | | | {n} long | '
+               f'{n * estimate["finalist_run_cpu_s"] / 3600:.2f} |')
+  return lines
+
+
+def results_page(study: Study, results: list[_Row], info: dict[str, Any],
+                 vrows: list[_Row], estimate: Optional[dict[str, Any]]
+                 ) -> str:
+  """The whole page."""
+  best = best_rows(results, study)
+  tokens_per_param = info['tokens'] / info['params']
+  diagnosed = next((n for n in study.diagnostics_optimizers
+                    if variance_means(vrows, n)), None)
+  variance = variance_means(vrows, diagnosed) if diagnosed else {}
+  lines = [f'# {study.title}', '']
+  if tokens_per_param < 20:
+    lines += [f'**Not a result: the runs here see {tokens_per_param:.2f} '
+              f'tokens per parameter** (a smoke run of the pipeline); the '
+              f'study proper is `python -m train.study`.', '']
+  lines += [
+      'Generated by `python -m train.study` from the runs under '
+      f'`{study.output_dir}` (tables: results.csv, runs.csv, results_table.md;'
+      ' nothing on this page is typed in by hand except the paper\'s numbers, '
+      'train/study/paper.py).', '',
+      '## Setting', '',
+      f'LLaMA with **{info["params"]:,} parameters** ({info["non_embedding_params"]:,}'
+      f' besides the embedding and the untied LM head, {info["embedding_params"]:,}'
+      f' in those two; counted in full, as the paper does), vocab '
+      f'{info["vocab_size"]}, d_model {info["d_model"]}, {info["n_layers"]} '
+      f'layers, {info["n_heads"]} heads, d_ff {info["d_ff"]}; data '
+      f'`{info["data"]}`'
+      + (f' ({info["train_tokens"]:,} training tokens)'
+         if info.get('train_tokens') else '') +
+      f'; batch {info["batch_size"]} x {info["seq_len"]}. Sweep runs of '
+      f'{info["sweep_steps"]} steps, then long runs of {info["steps"]} steps '
+      f'= {info["tokens"]:,} tokens = **{tokens_per_param:.1f} tokens per '
+      f'parameter**; warmup {info["warmup_steps"]} steps, cosine to '
+      f'{info["min_lr_ratio"]:g} of the peak, clipping {info["grad_clip"]}, '
+      f'weight decay {info["weight_decay"]:g}, {info["dtype"]}. Seeds '
+      f'{info["seeds"]}, finalists add {info["finalist_seeds"]}.', '',
+      '## The paper\'s table at this scale', '',
+      *paper_table(best), '',
+      'Memory here is float32 weights + optimizer state; the paper counts 2 '
+      'bytes a value, so compare the ratios to AdamW/Adam, not the sizes.', '',
+      '## The bottom-up study', '', *ablation_table(best), '',
+      '## Figures', '',
+      '![Figure 1: perplexity against memory](ppl_vs_memory.png)', '',
+      '*Figure 1 at this scale: final perplexity against weights + optimizer '
+      'state, each optimizer at its best rate.*', '',
+      '![eval loss against tokens](loss_vs_tokens.png)', '',
+  ]
+  if variance:
+    lines += ['![Figure 4: gradient variance per layer](grad_variance.png)',
+              '', f'*Figure 4 at this scale: per-layer stochastic-gradient '
+              f'variance along training ({label(diagnosed)}).*', '']
+  lines += [
+      '![Figure 5: learning-rate sensitivity](lr_sensitivity.png)', '',
+      '*Figure 5 at this scale: final perplexity against the peak learning '
+      'rate.*', '',
+      '## Where this scale agrees or disagrees with the paper', '',
+      'Each verdict is computed from the runs (paper: its 60M column unless '
+      'said otherwise).', '',
+      '| claim | the paper | here | verdict |', '|---|---|---|---|',
+      *[f'| {c} | {p} | {h} | {v} |'
+        for c, p, h, v in claims(best, results, study, variance)], '',
+      'Why a small-scale ranking may differ from the paper\'s: this model '
+      f'has {info["params"] / 58.07e6:.1%} of the parameters of the paper\'s '
+      'smallest (58.07M); the data are Python source, not C4 English; the '
+      f'runs see {tokens_per_param:.1f} tokens per parameter (60M: 24); '
+      'weights are float32, not bf16; the batch holds '
+      f'{info["batch_size"] * info["seq_len"]:,} tokens, not 131K; rates '
+      'are chosen on a half-decade grid from short runs; the rivals\' ranks '
+      'and gaps are scaled from their 60M scripts; and optimizers that are '
+      'not finalists have one seed (the finalists\' seeds show the spread).',
+      '', '## Cost', '', *cost_lines(estimate), '',
+  ]
+  return '\n'.join(lines)

@@ -1,0 +1,91 @@
+"""Running a whole study: data once, the sweep, the long runs, the
+finalists' seeds, then the report."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+from ..config import to_dict
+from .config import SWEEP, Study, run_config, sweep_specs
+from .report import write_report
+from .results import (all_specs, best_learning_rates, collect_run,
+                      finalist_specs, long_specs, select_finalists)
+from .runner import Runner, read_json
+
+
+def prepare_data(study: Study, say: Callable[..., None]) -> dict[str, Any]:
+  """Builds the data set and tokenizer once, before any run (workers race
+  otherwise); records the unigram baseline and the splits' token counts in
+  ``<output_dir>/study.json``, and says when runs repeat the training data."""
+  from .. import data as data_lib  # pylint: disable=g-import-not-at-top
+  name, rates = next(iter(study.optimizers.items()))
+  config = run_config(study, SWEEP, name, rates[0], study.seeds[0])
+  meta_path = study.output_dir / 'study.json'
+  meta = read_json(meta_path) or {}
+  dataset = data_lib.prepare(config.data, config.model.vocab_size)
+  key = {'data': to_dict(config)['data'], 'vocab': config.model.vocab_size}
+  if meta.get('data_key') != key:
+    meta = {
+        'data_key': key,
+        'unigram_perplexity': data_lib.unigram_perplexity(dataset),
+        'train_tokens': int(data_lib.token_counts(
+            dataset, dataset.train_split, None).sum()),
+        'eval_split_tokens': int(data_lib.token_counts(
+            dataset, dataset.eval_split, None).sum()),
+    }
+    study.output_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(meta, indent=2))
+  say(f'data: {config.data.name} in {config.data.data_dir}, '
+      f'{meta["train_tokens"]:,} training tokens, unigram perplexity '
+      f'{meta["unigram_perplexity"]:.2f}')
+  for phase in study.phases:
+    c = run_config(study, phase, name, rates[0], study.seeds[0])
+    tokens = c.train.steps * c.data.batch_size * c.data.seq_len
+    if tokens > meta['train_tokens']:
+      say(f'note: a {phase} run reads {tokens:,} tokens, '
+          f'{tokens / meta["train_tokens"]:.2f} passes over the training '
+          f'split')
+  return meta
+
+
+def run_study(study: Study, jobs: int = 1,
+              say: Callable[..., None] = print) -> dict[str, Any]:
+  """Runs (or resumes) the study and writes its report.
+
+  Returns ``{'results': {run_dir: result}, 'report': {name: path},
+  'errors': n, 'stopped': bool, 'wall_s': seconds}``.
+  """
+  t0 = time.time()
+  if jobs < 1:
+    raise ValueError(f'jobs must be >= 1, got {jobs}.')
+  say(f'study {study.title}: phases {", ".join(study.phases)}, output in '
+      f'{study.output_dir}, report in {study.docs_dir}')
+  prepare_data(study, say)
+  runner = Runner(study, jobs, say)
+  sweep = sweep_specs(study)
+  runner.run(sweep, SWEEP)
+  rows = [collect_run(s) for s in sweep]
+  for phase in study.phases[1:]:
+    if runner.stopped:
+      break
+    best = best_learning_rates(rows, study, SWEEP)
+    say('best sweep learning rates: ' + ', '.join(
+        f'{n} {lr:g}' for n, lr in best.items()))
+    longs = long_specs(study, rows)
+    runner.run(longs, phase)
+    rows += [collect_run(s) for s in longs]
+  if not runner.stopped:
+    finalists = select_finalists(rows, study)
+    say(f'finalists: {", ".join(finalists) or "none"}')
+    runner.run(finalist_specs(study, rows), 'finalists')
+  rows = [collect_run(s) for s in all_specs(study)]
+  report = write_report(study, rows, say)
+  errors = sum(r['status'] == 'error' for r in runner.results.values())
+  wall = time.time() - t0
+  say(f'study {study.title}: done in {wall / 60:.1f} min'
+      f'{f", {errors} run(s) failed with errors" if errors else ""}'
+      f'{" (stopped)" if runner.stopped else ""}')
+  return {'results': runner.results, 'report': report, 'errors': errors,
+          'stopped': runner.stopped, 'wall_s': wall}
