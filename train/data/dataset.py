@@ -194,7 +194,7 @@ def prepare(config, vocab_size: int) -> Dataset:
         f'it has {sorted(features.keys())}.')
   splits = list(dict.fromkeys([config.train_split, config.eval_split]))
   sources = tfds_source.data_sources(builder, splits)
-  embedded = isinstance(builder, tfds_source.LOCAL_BUILDERS)
+  embedded = isinstance(builder, tfds_source.EmbeddedText)
   if config.tokenizer:
     tokenizer = tokenizer_lib.load(config.tokenizer, vocab_size)
   elif embedded:

@@ -4,7 +4,9 @@ Documents are the standard library's ``.py`` files (tests included, third-party
 ``site-packages`` excluded), one document per file, sorted by path relative to
 the library's root; about 1,800 files and 31 MB of code for CPython 3.11. A
 file that is not UTF-8 is decoded with replacement characters. Every 25th file
-goes to validation (``corpus.split_documents``, as for the embedded corpus).
+goes to validation (``corpus.split_documents``, as for the embedded corpus),
+and the tokenizer is a BPE model trained on the training split, as for the
+embedded corpus (``train.data.prepare``).
 
 The files come from the interpreter that prepares the data set, so they differ
 between Python versions: ``dataset_info`` records, in its metadata, the
@@ -16,18 +18,16 @@ punctuation characters: a count that no tokenizer choice changes).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import pathlib
 import re
 import sysconfig
 from collections.abc import Sequence
+from typing import Any
 
-from etils import epath
 import tensorflow_datasets as tfds
 
-from ..data import corpus
+from ..data.tfds_source import EmbeddedText
 
-PYTHON_SOURCE = 'python_source'  # DataConfig.name of this data set
 _LEXICAL_TOKEN = re.compile(r'\w+|[^\w\s]')
 
 
@@ -57,11 +57,11 @@ def lexical_tokens(text: str) -> int:
   return sum(1 for _ in _LEXICAL_TOKEN.finditer(text))
 
 
-class PythonSource(tfds.core.GeneratorBasedBuilder):
+class PythonSource(EmbeddedText):
   """The standard library's source files as a text data set.
 
-  Nothing is downloaded. Subclasses may override ``root`` and ``files``
-  (tests build a few files through the same code).
+  Nothing is downloaded. Subclasses may override ``root`` (tests build a few
+  files through the same code).
   """
 
   VERSION = tfds.core.Version('1.0.0')
@@ -71,43 +71,30 @@ class PythonSource(tfds.core.GeneratorBasedBuilder):
   def root(self) -> pathlib.Path:
     return stdlib_root()
 
-  def files(self) -> list[str]:
-    return stdlib_files(self.root())
+  def _contents(self) -> tuple[list[str], list[bytes]]:
+    root = self.root()
+    files = stdlib_files(root)
+    if not files:
+      raise FileNotFoundError(f'no .py files under {root}.')
+    return files, [(root / name).read_bytes() for name in files]
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path | None:
-    # As EmbeddedText.code_path: TFDS looks for a checksums file beside it.
-    try:
-      return epath.Path(inspect.getfile(cls))
-    except (TypeError, OSError):
-      return None
+  def documents(self) -> Sequence[str]:
+    return [c.decode('utf-8', errors='replace') for c in self._contents()[1]]
+
+  def describe(self) -> dict[str, Any]:
+    """The metadata recorded in ``dataset_info`` (module docstring)."""
+    files, contents = self._contents()
+    return {'root': str(self.root()), 'files': len(files),
+            'file_list_sha256': file_list_sha256(files, contents),
+            'bytes': sum(len(c) for c in contents),
+            'lexical_tokens': sum(lexical_tokens(t) for t in self.documents())}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
+        builder=self, description=__doc__,
         features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
-        metadata=tfds.core.MetadataDict(),
-        disable_shuffling=True,  # keep the file order (eval reads in order)
-    )
+        metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download
-    root, files = self.root(), self.files()
-    if not files:
-      raise FileNotFoundError(f'no .py files under {root}.')
-    contents = [(root / name).read_bytes() for name in files]
-    texts = [c.decode('utf-8', errors='replace') for c in contents]
-    self.info.metadata.update(
-        root=str(root), files=len(files),
-        file_list_sha256=file_list_sha256(files, contents),
-        bytes=sum(len(c) for c in contents),
-        lexical_tokens=sum(lexical_tokens(t) for t in texts))
-    splits = corpus.split_documents(texts)
-    return {name: self._generate_examples(docs)
-            for name, docs in splits.items()}
-
-  def _generate_examples(self, docs):
-    for i, text in enumerate(docs):
-      yield i, {'text': text}
+    self.info.metadata.update(self.describe())
+    return super()._split_generators(dl_manager)

@@ -30,9 +30,9 @@ from .. import compat
 from ..data import corpus
 from ..data.errors import (DatasetNotPreparedError, SplitNotFoundError,
                            UnknownDatasetError)
-from ..data.python_source import PYTHON_SOURCE, PythonSource
 
 EMBEDDED = 'embedded'  # DataConfig.name of the embedded data set
+PYTHON_SOURCE = 'python_source'  # the standard library (data/python_source.py)
 
 
 class EmbeddedText(tfds.core.GeneratorBasedBuilder):
@@ -124,16 +124,11 @@ def prepare_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuild
   return builder
 
 
-# The data sets built here from files of installed packages (nothing is
-# downloaded); their tokenizer is trained on their training split.
-LOCAL_BUILDERS = (EmbeddedText, PythonSource)
-
-
 def embedded_builder(data_dir: str | os.PathLike,
-                     builder_cls: type[tfds.core.GeneratorBasedBuilder]
-                     = EmbeddedText) -> tfds.core.DatasetBuilder:
-  """A local data set (``LOCAL_BUILDERS``) under data_dir, prepared on first
-  use."""
+                     builder_cls: type[EmbeddedText] = EmbeddedText
+                     ) -> tfds.core.DatasetBuilder:
+  """The embedded data set (or a subclass's) under data_dir, prepared on
+  first use."""
   pathlib.Path(data_dir).mkdir(parents=True, exist_ok=True)
   builder = builder_cls(data_dir=os.fspath(data_dir),
                         file_format=file_adapters.FileFormat.ARRAY_RECORD)
@@ -170,6 +165,7 @@ def open_builder(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBui
   if name in (EMBEDDED, EmbeddedText.name):
     return embedded_builder(data_dir)
   if name == PYTHON_SOURCE:
+    from ..data.python_source import PythonSource  # pylint: disable=g-import-not-at-top
     return embedded_builder(data_dir, PythonSource)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
