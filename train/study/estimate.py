@@ -84,7 +84,8 @@ def run_seconds(config: Config, speed: Speed) -> tuple[float, float]:
   """Estimated ``(wall, CPU)`` seconds of one run of ``config``."""
   t = config.train
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  evals = (t.steps // t.eval_every + 1) * t.eval_tokens / tokens_per_step / 3
+  evals = ((t.steps // t.eval_every + bool(t.steps % t.eval_every))
+           * t.eval_tokens / tokens_per_step / 3)  # Each eval_every + last.
   diagnostics = t.steps // t.diagnostics_every if t.diagnostics_every else 0
   steps = t.steps + diagnostics + evals
   return (speed.compile_s + steps * speed.step_s,
