@@ -232,7 +232,8 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       f'{info["sweep_steps"]} steps, then long runs of {info["steps"]} steps '
       f'= {info["tokens"]:,} tokens = **{tokens_per_param:.1f} tokens per '
       f'parameter**; warmup {info["warmup_steps"]} steps, cosine to '
-      f'{info["min_lr_ratio"]:g} of the peak, clipping {info["grad_clip"]}, '
+      f'{info["min_lr_ratio"]:g} of the peak, clipping '
+      f'{info["grad_clip"] or "none"}, '
       f'weight decay {info["weight_decay"]:g}, {info["dtype"]}. Seeds '
       f'{info["seeds"]}, finalists add {info["finalist_seeds"]}.', '',
       '## The paper\'s table at this scale', '',
@@ -262,8 +263,8 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
         for c, p, h, v in claims(best, results, study, variance)], '',
       'Why a small-scale ranking may differ from the paper\'s: this model '
       f'has {info["params"] / 58.07e6:.1%} of the parameters of the paper\'s '
-      'smallest (58.07M); the data are Python source, not C4 English; the '
-      f'runs see {tokens_per_param:.1f} tokens per parameter (60M: 24); '
+      f'smallest (58.07M); the data are `{info["data"]}`, not C4 English; '
+      f'the runs see {tokens_per_param:.1f} tokens per parameter (60M: 24); '
       'weights are float32, not bf16; the batch holds '
       f'{info["batch_size"] * info["seq_len"]:,} tokens, not 131K; rates '
       'are chosen on a half-decade grid from short runs; the rivals\' ranks '
