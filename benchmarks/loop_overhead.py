@@ -35,8 +35,9 @@ import jax
 from benchmarks import common
 from train import data as data_lib
 from train import mesh as mesh_lib
-from train.loop import _global_batch, train
+from train.loop import train
 from train.optim import make_optimizer
+from train.prefetch import global_batch
 from train.state import make_setup
 from train.step import make_train_step
 
@@ -88,7 +89,7 @@ def bare_tokens_per_s(overrides: Sequence[str], steps: int) -> float:
   opt_state = setup.init_opt_state(params)
   with jax.set_mesh(mesh):
     batches = jax.block_until_ready(
-        [_global_batch(setup, next(it)) for _ in range(steps)])
+        [global_batch(setup, next(it)) for _ in range(steps)])
     params, opt_state, metrics = step(params, opt_state, batches[0])
     jax.block_until_ready(metrics)
     start = time.perf_counter()

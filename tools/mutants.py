@@ -233,8 +233,15 @@ MUTANTS: tuple[Mutant, ...] = (
            'pindex, pcount = 0, jax.process_count()',
            ('tests/train/test_multihost.py::'
             'test_each_process_reads_its_own_part_of_every_batch',)),
+    Mutant('skip-limit-reached-unread', 'train/loop.py',
+           'return self.skips_in_a_row + steps < self.max_skips',
+           'return self.skips_in_a_row + steps <= self.max_skips',
+           ('tests/train/test_loop_units.py::'
+            'test_the_skip_limit_stops_on_its_last_skip_with_nothing_queued_'
+            'after',)),
     Mutant('logged-rate-of-next-step', 'train/loop.py',
-           'schedule(step - 1))', 'schedule(step))',
+           'jnp.arange(config.train.steps)))',
+           'jnp.arange(1, config.train.steps + 1)))',
            ('tests/train/test_train_e2e.py::'
             'test_run_outputs_and_memory_report',)),
     # ----------------------------------------------------- train/data ----

@@ -1,21 +1,26 @@
-"""The training loop: set up, resume or initialize, step, evaluate, save.
+"""The training loop behind ``python -m train``.
 
-``train(config)`` is the whole program behind ``python -m train``; it returns
-the run's summary (also written to ``<run_dir>/summary.json``).
+``train(config)`` builds a :class:`Trainer` and runs it; it returns the run's
+summary (also written to ``<run_dir>/summary.json``). The trainer restores
+the newest checkpoint or initializes, then each step runs the jitted train
+step on a batch already on the devices, evaluates and saves on schedule, and
+stops at the last step, on a signal, or after too many non-finite steps.
+
+The host never waits for a step it has just queued: the step metrics come
+back in batches (:class:`StepMetrics`), the next batch is on its way while a
+step runs, and evaluation reads its totals back once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import pathlib
 import shutil
 import signal
-import sys
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +35,17 @@ from . import mesh as mesh_lib
 from . import perf
 from .checkpoint import Checkpointer, set_aside
 from .config import Config, to_dict
+from .console import Console
 from .diagnostics import make_gradient_variance
 from .errors import RunError
 from .metrics import MetricsWriter, plot_losses
 from .model import attention_implementation, param_count
 from .optim import make_optimizer
-from .prefetch import DevicePrefetch
+from .prefetch import DevicePrefetch, global_batch
 from .state import TrainSetup, make_setup, memory_report
 from .step import make_eval_step, make_train_step
 
-log = logging.getLogger(__name__)
+HostMetrics = dict[str, np.ndarray]
 
 
 class TrainingError(RunError):
@@ -52,121 +58,22 @@ def run_directory(config: Config) -> pathlib.Path:
       optimizer=config.optimizer.name))
 
 
-def _abstract_train_state(setup: TrainSetup) -> dict[str, Any]:
-  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype,
-                                              sharding=setup.replicated)
-  return {'params': setup.abstract_params,
-          'opt_state': setup.abstract_opt_state,
-          'step': scalar(jnp.int32),
-          'rng': jax.ShapeDtypeStruct((2,), jnp.uint32,
-                                      sharding=setup.replicated)}
-
-
-def _global_batch(setup: TrainSetup, local: dict[str, np.ndarray]
-                  ) -> dict[str, jax.Array]:
-  sharding = mesh_lib.batch_sharding(setup.mesh, setup.config.mesh)
-  rows = setup.config.data.batch_size  # Global; each process holds its part.
-  return {k: jax.make_array_from_process_local_data(
-      sharding, v, (rows,) + v.shape[1:]) for k, v in local.items()}
-
-
 def evaluate(setup: TrainSetup, eval_step: Any, params: Any,
              batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
-  """Mean token loss and perplexity over the evaluation batches."""
-  loss_sum, tokens = 0.0, 0.0
+  """Mean token loss and perplexity over the evaluation batches.
+
+  The token-weighted loss sums and token counts add up on the devices; the
+  host reads the totals once.
+  """
+  total = None
   for batch in batches:
-    out = eval_step(params, _global_batch(setup, batch))
-    loss_sum += float(out['loss_sum'])
-    tokens += float(out['tokens'])
+    out = eval_step(params, global_batch(setup, batch))
+    total = out if total is None else jax.tree.map(jnp.add, total, out)
+  loss_sum, tokens = map(float, jax.device_get((total['loss_sum'],
+                                                total['tokens'])))
   loss = loss_sum / tokens
   return {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)),
           'eval_tokens': int(tokens)}
-
-
-class _StopFlag:
-  """Set by SIGTERM (preemption) or Ctrl-C; the loop saves and exits.
-
-  One process acts on its signal at the next step. Several processes agree
-  every ``every`` steps (an all-gather of a few bytes, the loop's only
-  collective besides the steps): all then save the same step and exit
-  together, where a process stopping alone would leave the others waiting in
-  a collective.
-  """
-
-  def __init__(self, every: int):
-    self.every = every
-    self.signal: Optional[str] = None  # This process's own signal.
-    self.reason: Optional[str] = None  # Set once every process agrees.
-
-  def __call__(self, signum, frame):
-    del frame
-    self.signal = signal.Signals(signum).name
-
-  def install(self) -> dict[int, Any]:
-    return {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
-
-  def agreed(self, step: int) -> bool:
-    """Whether to stop after ``step``; every process gets the same answer."""
-    if jax.process_count() == 1:
-      self.reason = self.signal
-    elif step % self.every == 0:
-      flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
-      if np.asarray(flags).any():
-        self.reason = self.signal or 'stop requested on another process'
-    return self.reason is not None
-
-
-class _Throughput:
-  """Training speed, not counting the first step (it compiles), evaluation,
-  checkpoints and diagnostics (inside :meth:`paused`).
-
-  The clock starts when the first step's metrics are read and advances each
-  time a later step's are; tokens/s per device and MFU follow from it.
-  """
-
-  def __init__(self, config: Config, start: int, tokens_per_step: int):
-    self.first = start + 1
-    self.tokens_per_step = tokens_per_step
-    self.devices = jax.device_count()
-    self.flops_per_token = perf.flops_per_token(config.model,
-                                                config.data.seq_len)
-    self.peak = perf.peak_flops_per_device(
-        jax.devices()[0], jnp.dtype(config.model.dtype),
-        config.train.peak_tflops)
-    self.t0: Optional[float] = None
-    self.paused_s = 0.0
-    self.timed_steps, self.elapsed_s = 0, 0.0
-
-  def step_done(self, step: int) -> None:
-    now = time.perf_counter()
-    if self.t0 is None:
-      self.t0, self.paused_s = now, 0.0
-      return
-    self.timed_steps = step - self.first
-    self.elapsed_s = now - self.t0 - self.paused_s
-
-  @contextlib.contextmanager
-  def paused(self):
-    t = time.perf_counter()
-    try:
-      yield
-    finally:
-      self.paused_s += time.perf_counter() - t
-
-  @property
-  def step_s(self) -> Optional[float]:
-    return self.elapsed_s / self.timed_steps if self.timed_steps else None
-
-  def rates(self) -> dict[str, Optional[float]]:
-    """``tokens_per_s`` (all devices), ``tokens_per_s_per_device`` and
-    ``mfu`` (None where unknown)."""
-    if not self.step_s:
-      return {'tokens_per_s': None, 'tokens_per_s_per_device': None,
-              'mfu': None}
-    tok_s = self.tokens_per_step / self.step_s
-    per_device = tok_s / self.devices
-    return {'tokens_per_s': tok_s, 'tokens_per_s_per_device': per_device,
-            'mfu': perf.mfu(per_device, self.flops_per_token, self.peak)}
 
 
 def expected_duration(config: Config, step: int, step_s: float,
@@ -187,91 +94,119 @@ def expected_duration(config: Config, step: int, step_s: float,
           f'measured, {remaining} steps and {evals} evaluations to go)')
 
 
-class _StepMonitor:
-  """Reads each step's metrics one step late, logs them, counts skips.
+class StopSignal:
+  """Set by SIGTERM (preemption) or Ctrl-C; the loop saves and exits.
 
-  Reading step ``N - 1``'s metrics after dispatching step ``N`` keeps the
-  devices busy (step ``N`` is queued while the host waits) and bounds the
-  steps in flight to two. On several CPU devices each step is read at once:
-  XLA:CPU's collectives can deadlock on 2 cores with sharded programs in
-  flight side by side (DESIGN.md section 4). When one more skipped step
-  would reach ``train.max_consecutive_skips``, each step is read at once, so the
-  run stops with nothing dispatched after the last skipped step: its state is
-  still the last good one.
+  One process acts on its signal at the next step. Several processes agree
+  every ``every`` steps (an all-gather of a few bytes, the loop's only
+  collective besides the steps): all then save the same step and exit
+  together, where a process stopping alone would leave the others waiting in
+  a collective.
   """
 
-  def __init__(self, config: Config, schedule: Any, writer: MetricsWriter,
-               progress: Any, clock: _Throughput,
-               save: Callable[[int], None], tell: Callable[[str], None],
-               t_start: float, eval_batches: int):
-    self.config, self.schedule, self.writer = config, schedule, writer
-    self.progress, self.clock, self.save, self.tell = (progress, clock, save,
-                                                       tell)
-    self.t_start = t_start
-    self.eval_batches = eval_batches
-    self.tokens_per_step = config.data.batch_size * config.data.seq_len
-    self.pending: Optional[tuple[int, dict[str, jax.Array]]] = None
+  def __init__(self, every: int):
+    self.every = every
+    self.signal: Optional[str] = None  # This process's own signal.
+    self.reason: Optional[str] = None  # Set once every process agrees.
+
+  def __call__(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  @contextlib.contextmanager
+  def installed(self) -> Iterator[None]:
+    """Catches SIGTERM and SIGINT inside; the previous handlers after."""
+    previous = {s: signal.signal(s, self)
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield
+    finally:
+      for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+  def agreed(self, step: int) -> bool:
+    """Whether to stop after ``step``; every process gets the same answer."""
+    if jax.process_count() == 1:
+      self.reason = self.signal
+    elif step % self.every == 0:
+      flags = multihost_utils.process_allgather(
+          np.int32(self.signal is not None))
+      if np.asarray(flags).any():
+        self.reason = self.signal or 'stop requested on another process'
+    return self.reason is not None
+
+
+class StepMetrics:
+  """The train step's metrics on their way to the host, read in batches.
+
+  Reading a step's metrics waits for that step, so the host reads seldom and
+  queues the steps in between. Each read hands ``report`` the metrics of the
+  steps read, in order; :attr:`skips_in_a_row` counts the skipped steps at
+  the end of what has been read. Reads happen:
+
+  - for the first step at once (it compiles; the run's clock starts at its
+    end);
+  - at most every ``log_every`` steps, for all steps but the newest, which
+    keeps the devices busy while the host reads;
+  - for every step at once while a run of skipped steps could reach
+    ``max_skips`` among the unread steps: only the newest step can then
+    complete such a run, so a run stopped by it has queued nothing after it
+    and its state is still the last good one;
+  - for every step at once with ``read_each_step``;
+  - for everything on :meth:`read_all`.
+
+  Args:
+    first_step: the first step the loop runs.
+    log_every: ``train.log_every``.
+    max_skips: ``train.max_consecutive_skips``.
+    read_each_step: read each step as soon as it is queued.
+    report: gets ``[(step, host metrics), ...]`` after each read.
+  """
+
+  def __init__(self, first_step: int, log_every: int, max_skips: int,
+               read_each_step: bool,
+               report: Callable[[list[tuple[int, HostMetrics]]], None]):
+    self.first_step = first_step
+    self.log_every = log_every
+    self.max_skips = max_skips
+    self.read_each_step = read_each_step
+    self.report = report
+    self.pending: list[tuple[int, dict[str, jax.Array]]] = []
     self.skips_in_a_row = 0
-    self.announced = False
-    self.one_in_flight = (jax.default_backend() == 'cpu'
-                          and jax.device_count() > 1)
 
-  def dispatched(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    self.flush()
-    self.pending = (step, metrics)
-    if (self.one_in_flight or self.skips_in_a_row + 1
-        >= self.config.train.max_consecutive_skips):
-      self.flush()
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Step ``step`` has been queued; ``metrics`` are its device outputs."""
+    self.pending.append((step, metrics))
+    if (self.read_each_step or step == self.first_step
+        or not self._may_stay_unread(len(self.pending))):
+      self.read_all()
+    elif (len(self.pending) > self.log_every
+          or not self._may_stay_unread(len(self.pending) + 1)):
+      self._read(len(self.pending) - 1)  # The newest runs meanwhile.
+      if not self._may_stay_unread(len(self.pending)):
+        self.read_all()
 
-  def flush(self) -> None:
-    """Reads the pending step's metrics (waits for that step)."""
-    if self.pending is not None:
-      step, metrics = self.pending
-      self.pending = None
-      self._read(step, jax.device_get(metrics))
+  def _may_stay_unread(self, steps: int) -> bool:
+    """Whether ``steps`` unread steps, were they all skipped, would still
+    not complete ``max_skips`` skips in a row."""
+    return self.skips_in_a_row + steps < self.max_skips
 
-  def _read(self, step: int, metrics: dict[str, Any]) -> None:
-    t = self.config.train
-    self.clock.step_done(step)
-    skipped = int(metrics['skipped'])
-    self.skips_in_a_row = self.skips_in_a_row + 1 if skipped else 0
-    rates = self.clock.rates()
-    if step % t.log_every == 0 or skipped:
-      self.writer.write('train', step, tokens=step * self.tokens_per_step,
-                        loss=float(metrics['loss']),
-                        grad_norm=float(metrics['grad_norm']),
-                        learning_rate=float(self.schedule(step - 1)),
-                        skipped=skipped, **rates)
-    self.progress.update(1)
-    self.progress.set_postfix(loss=f'{float(metrics["loss"]):.3f}',
-                              tok_s=f'{rates["tokens_per_s"] or 0:,.0f}',
-                              refresh=False)
-    if not self.announced and self.clock.timed_steps >= 5:
-      self.announced = True
-      self.tell(expected_duration(self.config, step, self.clock.step_s,
-                                  time.time() - self.t_start,
-                                  self.eval_batches))
-    if self.skips_in_a_row >= t.max_consecutive_skips:
-      # Skipped steps left params and optimizer state unchanged: this
-      # saves the last good state (a resume goes on after these batches).
-      self.save(step)
-      n = self.skips_in_a_row
-      raise TrainingError(
-          f'{n} consecutive steps had a non-finite loss, gradient or update '
-          f'(steps {step - n + 1}-{step}, train.max_consecutive_skips='
-          f'{t.max_consecutive_skips}); stopped with the last good state '
-          f'(from step {step - n}) saved as the checkpoint of step {step}. '
-          f'Lower optimizer.learning_rate or check the data.')
+  def read_all(self) -> None:
+    """Reads every queued step (waits for the newest)."""
+    self._read(len(self.pending))
+
+  def _read(self, count: int) -> None:
+    if not count:
+      return
+    taken, self.pending = self.pending[:count], self.pending[count:]
+    values = jax.device_get([metrics for _, metrics in taken])
+    for metrics in values:
+      self.skips_in_a_row = self.skips_in_a_row + 1 if metrics['skipped'] else 0
+    self.report([(step, v) for (step, _), v in zip(taken, values)])
 
 
-def train(config: Config, resume: bool = True) -> dict[str, Any]:
-  """Runs (or resumes) the training run described by ``config``."""
-  t_start = time.time()
-  distributed.initialize_distributed(config.distributed)
-  run_dir = run_directory(config)
-  is_main = jax.process_index() == 0
-  say = print if is_main else (lambda *a, **k: None)
-
+def _build(config: Config) -> tuple[TrainSetup, Any]:
+  """The setup (mesh, model, optimizer, shardings) and the data set."""
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.check_batch(config, mesh)
   attention_implementation(config.model)  # A config error before the data.
@@ -282,151 +217,305 @@ def train(config: Config, resume: bool = True) -> dict[str, Any]:
   tx, schedule = make_optimizer(config.optimizer, config.train.steps,
                                 config.rivals,
                                 scan_layers=config.model.scan_layers)
-  setup = make_setup(config, mesh, tx, schedule)
-  memory = memory_report(setup)
-  say(f'model: {param_count(config.model):,} params',
-      f'| param bytes {memory["param_bytes"]:,} | {config.optimizer.name} '
-      f'state bytes {memory["opt_state_bytes"]:,} '
-      f'({memory["opt_state_bytes"] / memory["param_bytes"]:.3f} x params) '
-      f'| mesh {dict(mesh.shape)} on {jax.device_count()} '
-      f'{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)')
+  return make_setup(config, mesh, tx, schedule), dataset
 
+
+def _data(config: Config, dataset: Any) -> tuple[Any, list[Any]]:
+  """This process's training iterator and evaluation batches."""
   # Each process reads batch_size / process_count rows of each global batch.
   pindex, pcount = jax.process_index(), jax.process_count()
-  train_iter = dataset.train_iter(config.data.batch_size, config.data.seq_len,
+  d = config.data
+  train_iter = dataset.train_iter(d.batch_size, d.seq_len,
                                   seed=config.train.seed,
                                   process_index=pindex, process_count=pcount)
-  eval_batches = dataset.eval_batches(config.data.batch_size,
-                                      config.data.seq_len,
+  eval_batches = dataset.eval_batches(d.batch_size, d.seq_len,
                                       config.train.eval_tokens,
                                       process_index=pindex,
                                       process_count=pcount)
+  return train_iter, eval_batches
 
-  if not resume:  # Old checkpoints must not mix with this run's.
-    moved = distributed.main_process_first(
-        lambda: set_aside(run_dir / 'checkpoints', 'replaced') if is_main
-        else None, 'set_aside_checkpoints')
-    if moved:
-      if (run_dir / 'metrics.jsonl').exists():  # Rewritten from step 0 below.
-        shutil.copy2(run_dir / 'metrics.jsonl', moved / 'metrics.jsonl')
-      say(f'--no-resume: moved the existing checkpoints (and a copy of '
-          f'metrics.jsonl) to {moved}')
-  checkpointer = Checkpointer(run_dir / 'checkpoints',
-                              config.train.keep_checkpoints)
-  # Newest restorable checkpoint; corrupt ones are reported and moved aside.
-  warn = lambda m: print(f'warning: {m}', file=sys.stderr, flush=True)
-  latest = (checkpointer.restore_latest(
-      _abstract_train_state(setup), train_iter,
-      warn=warn if is_main else log.warning) if resume else None)
-  if latest is not None:
-    restored = latest[1]
-    params, opt_state = restored['params'], restored['opt_state']
-    rng = restored['rng']
-    start = int(restored['step'])
-    say(f'resumed from step {start} ({checkpointer.directory})')
-  else:
-    if config.train.init_from:  # Checked against the model before reading.
-      params = hf_llama.load_params(config.train.init_from, config.model,
-                                    setup.abstract_params)
-      say(f'initialized from the Hugging Face model {config.train.init_from}')
+
+def _setup_line(config: Config, setup: TrainSetup,
+                memory: dict[str, int]) -> str:
+  return (f'model: {param_count(config.model):,} params | param bytes '
+          f'{memory["param_bytes"]:,} | {config.optimizer.name} state bytes '
+          f'{memory["opt_state_bytes"]:,} '
+          f'({memory["opt_state_bytes"] / memory["param_bytes"]:.3f} x '
+          f'params) | mesh {dict(setup.mesh.shape)} on {jax.device_count()} '
+          f'{jax.devices()[0].platform} device(s), {jax.process_count()} '
+          f'process(es)')
+
+
+def _set_aside_checkpoints(run_dir: pathlib.Path, console: Console) -> None:
+  """``--no-resume``: moves old checkpoints aside, so they cannot mix with
+  this run's, with a copy of ``metrics.jsonl`` (this run rewrites it)."""
+  moved = distributed.main_process_first(
+      lambda: set_aside(run_dir / 'checkpoints', 'replaced')
+      if jax.process_index() == 0 else None, 'set_aside_checkpoints')
+  if moved:
+    if (run_dir / 'metrics.jsonl').exists():
+      shutil.copy2(run_dir / 'metrics.jsonl', moved / 'metrics.jsonl')
+    console.info(f'--no-resume: moved the existing checkpoints (and a copy '
+                 f'of metrics.jsonl) to {moved}')
+
+
+def _throughput(config: Config) -> perf.Throughput:
+  return perf.Throughput(
+      tokens_per_step=config.data.batch_size * config.data.seq_len,
+      devices=jax.device_count(),
+      flops_per_token=perf.flops_per_token(config.model, config.data.seq_len),
+      peak=perf.peak_flops_per_device(jax.devices()[0],
+                                      jnp.dtype(config.model.dtype),
+                                      config.train.peak_tflops))
+
+
+class Trainer:
+  """One training run, from the newest checkpoint (or from scratch) to
+  ``train.steps``: :meth:`run`.
+
+  Args:
+    config: the run.
+    console: where the run prints.
+    resume: continue from the newest checkpoint; False sets old
+      checkpoints aside and starts over.
+    started: ``time.time()`` when the run began (for its wall time).
+  """
+
+  def __init__(self, config: Config, console: Console, resume: bool = True,
+               started: Optional[float] = None):
+    self.config = config
+    self.console = console
+    self.started = time.time() if started is None else started
+    self.is_main = jax.process_index() == 0
+    self.run_dir = run_directory(config)
+    self.setup, dataset = _build(config)
+    self.memory = memory_report(self.setup)
+    console.info(_setup_line(config, self.setup, self.memory))
+    train_iter, self.eval_batches = _data(config, dataset)
+
+    if not resume:
+      _set_aside_checkpoints(self.run_dir, console)
+    self.checkpointer = Checkpointer(self.run_dir / 'checkpoints',
+                                     config.train.keep_checkpoints)
+    self.start = self._restore_or_init(train_iter, resume)
+    if self.is_main:
+      self.run_dir.mkdir(parents=True, exist_ok=True)
+      (self.run_dir / 'config.yaml').write_text(yaml.safe_dump(to_dict(config)))
+    self.writer = MetricsWriter(self.run_dir)
+    self.writer.truncate_after(self.start)
+
+    self.batches = DevicePrefetch(train_iter,
+                                  lambda b: global_batch(self.setup, b))
+    self.train_step = make_train_step(self.setup)
+    self.eval_step = make_eval_step(self.setup)
+    self.diagnose = (make_gradient_variance(
+        self.setup, config.train.diagnostics_microbatches)
+                     if config.train.diagnostics_every else None)
+    # Step s updates with the rate at s - 1 (the first update's rate is the
+    # schedule's start); computed once so logging runs nothing on a device.
+    self.learning_rates = np.asarray(jax.jit(jax.vmap(self.setup.schedule))(
+        jnp.arange(config.train.steps)))
+    self.tokens_per_step = config.data.batch_size * config.data.seq_len
+    self.clock = _throughput(config)
+    self.stop = StopSignal(config.train.log_every)
+    self.metrics = StepMetrics(
+        self.start + 1, config.train.log_every,
+        config.train.max_consecutive_skips,
+        # XLA:CPU's collectives can deadlock on few cores with several
+        # sharded programs in flight side by side.
+        read_each_step=(jax.default_backend() == 'cpu'
+                        and jax.device_count() > 1),
+        report=self._log_steps)
+    self.eval_result: dict[str, float] = {}
+    self.duration_announced = False
+
+  # ------------------------------------------------------------ set up ----
+
+  def _restore_or_init(self, train_iter: Any, resume: bool) -> int:
+    """Sets params, optimizer state and rng from the newest restorable
+    checkpoint (corrupt ones are reported and moved aside), or fresh from
+    ``train.init_from`` or the seed; returns their step."""
+    latest = (self.checkpointer.restore_latest(
+        self._abstract_state(), train_iter, warn=self.console.warn)
+              if resume else None)
+    if latest is not None:
+      restored = latest[1]
+      self.params, self.opt_state = restored['params'], restored['opt_state']
+      self.rng = restored['rng']
+      step = int(restored['step'])
+      self.console.info(f'resumed from step {step} '
+                        f'({self.checkpointer.directory})')
+      return step
+    t = self.config.train
+    if t.init_from:  # Checked against the model before reading.
+      self.params = hf_llama.load_params(t.init_from, self.config.model,
+                                         self.setup.abstract_params)
+      self.console.info(f'initialized from the Hugging Face model '
+                        f'{t.init_from}')
     else:
-      params = setup.init_params(config.train.seed)
-    opt_state = setup.init_opt_state(params)
-    rng = jax.device_put(jax.random.key_data(jax.random.key(config.train.seed)),
-                         setup.replicated)
-    start = 0
-  if is_main:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / 'config.yaml').write_text(yaml.safe_dump(to_dict(config)))
+      self.params = self.setup.init_params(t.seed)
+    self.opt_state = self.setup.init_opt_state(self.params)
+    self.rng = jax.device_put(jax.random.key_data(jax.random.key(t.seed)),
+                              self.setup.replicated)
+    return 0
 
-  writer = MetricsWriter(run_dir)
-  writer.truncate_after(start)
-  train_step = make_train_step(setup)
-  diagnose = (make_gradient_variance(setup, config.train.diagnostics_microbatches)
-              if config.train.diagnostics_every else None)
-  eval_step = make_eval_step(setup)
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-  batches = DevicePrefetch(train_iter, lambda b: _global_batch(setup, b))
+  def _abstract_state(self) -> dict[str, Any]:
+    replicated = self.setup.replicated
+    return {'params': self.setup.abstract_params,
+            'opt_state': self.setup.abstract_opt_state,
+            'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+            'rng': jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
 
-  def save(step: int) -> None:
-    with clock.paused():
-      checkpointer.save(step, {'params': params, 'opt_state': opt_state,
-                               'step': jnp.asarray(step, jnp.int32),
-                               'rng': rng}, batches)
+  # -------------------------------------------------------------- run ----
 
-  stop = _StopFlag(config.train.log_every)
-  previous_handlers = stop.install()
-  eval_result: dict[str, float] = {}
-  clock = _Throughput(config, start, tokens_per_step)
-  progress = _progress(config, start, enabled=is_main and config.train.progress)
-  tell = progress.write if is_main else (lambda *a, **k: None)  # Above the bar.
-  monitor = _StepMonitor(config, schedule, writer, progress, clock, save, tell,
-                         t_start, len(eval_batches))
-  try:
-    with jax.set_mesh(mesh):
-      for step in range(start + 1, config.train.steps + 1):
-        batch = next(batches)
-        if diagnose is not None and step % config.train.diagnostics_every == 0:
-          # Before the step (which donates params); reads, never changes them.
-          with clock.paused():
-            writer.write('diagnostics', step,
-                         tokens=(step - 1) * tokens_per_step,
-                         **diagnose(params, batch))
-        params, opt_state, metrics = train_step(params, opt_state, batch)
-        if step < config.train.steps:
-          batches.prefetch()  # Batch step + 1 travels while step runs.
-        monitor.dispatched(step, metrics)
-        evaluating = (step % config.train.eval_every == 0
-                      or step == config.train.steps)
-        stopping = stop.agreed(step)
-        saving = (step % config.train.checkpoint_every == 0
-                  or step == config.train.steps or stopping)
-        if evaluating or saving:
-          monitor.flush()
-        if evaluating:
-          with clock.paused():
-            eval_result = evaluate(setup, eval_step, params, eval_batches)
-          writer.write('eval', step, tokens=step * tokens_per_step,
-                       **eval_result)
-          tell(f'step {step}: eval loss {eval_result["loss"]:.4f}, '
-               f'perplexity {eval_result["perplexity"]:.2f}')
-        if saving:
-          save(step)
-        if stopping:
-          tell(f'{stop.reason}: checkpoint saved at step {step}, exiting.')
-          break
-  finally:
-    progress.close()
-    checkpointer.close()
-    writer.close()
-    for signum, handler in previous_handlers.items():
-      signal.signal(signum, handler)
+  def run(self) -> dict[str, Any]:
+    """Trains to ``train.steps`` (or a stop); returns the summary."""
+    with jax.set_mesh(self.setup.mesh):
+      with self._outputs_open():
+        final_step = self._fit()
+      if not self.eval_result and not self.stop.reason:
+        # Resumed a finished run: report its final quality. (Not when
+        # preempted: exit within the grace period.)
+        self.eval_result = evaluate(self.setup, self.eval_step, self.params,
+                                    self.eval_batches)
+    summary = self._summary(final_step)
+    if self.is_main:
+      self._write_summary(summary)
+    return summary
 
-  final_step = step if config.train.steps > start else start
-  if not eval_result and not stop.reason:  # Resumed a finished run: report
-    # its final quality. (Not when preempted: exit within the grace period.)
-    with jax.set_mesh(mesh):
-      eval_result = evaluate(setup, eval_step, params, eval_batches)
-  summary = {
-      'optimizer': config.optimizer.name,
-      'steps': final_step,
-      'tokens': final_step * tokens_per_step,
-      'eval_loss': eval_result.get('loss'),
-      'eval_perplexity': eval_result.get('perplexity'),
-      **clock.rates(),
-      'devices': jax.device_count(),
-      'wall_s': time.time() - t_start,
-      'stopped_by': stop.reason,
-      **memory,
-  }
-  if is_main:
-    (run_dir / 'summary.json').write_text(json.dumps(summary, indent=2))
-    if writer.path.exists():
-      plot_losses(writer.path, run_dir / 'loss.png',
-                  f'{config.optimizer.name}: LLaMA d{config.model.d_model} '
-                  f'L{config.model.n_layers}')
-    say(_summary_line(summary, run_dir))
-  return summary
+  @contextlib.contextmanager
+  def _outputs_open(self) -> Iterator[None]:
+    """Signals caught and the progress bar shown while inside; the
+    checkpoints and metrics closed after, still catching signals (a save
+    may be finishing)."""
+    with self.stop.installed():
+      self.console.start_progress(self.config.train.steps, self.start,
+                                  self.config.train.progress)
+      try:
+        yield
+      finally:
+        self.console.close_progress()
+        self.checkpointer.close()
+        self.writer.close()
+
+  def _fit(self) -> int:
+    """Steps ``start + 1`` on; returns the last step taken."""
+    t = self.config.train
+    step = self.start
+    for step in range(self.start + 1, t.steps + 1):
+      batch = next(self.batches)
+      if self.diagnose is not None and step % t.diagnostics_every == 0:
+        self._diagnose(step, batch)
+      self.params, self.opt_state, metrics = self.train_step(
+          self.params, self.opt_state, batch)
+      if step < t.steps:
+        self.batches.prefetch()  # Batch step + 1 travels while step runs.
+      self.metrics.add(step, metrics)
+      if self.metrics.skips_in_a_row >= t.max_consecutive_skips:
+        self._stop_after_skips(step)
+      evaluating = step % t.eval_every == 0 or step == t.steps
+      stopping = self.stop.agreed(step)
+      saving = step % t.checkpoint_every == 0 or step == t.steps or stopping
+      if evaluating or saving:
+        self.metrics.read_all()  # So the clock pauses with no step running.
+      if evaluating:
+        self._evaluate(step)
+      if saving:
+        self._save(step)
+      if stopping:
+        self.console.info(f'{self.stop.reason}: checkpoint saved at step '
+                          f'{step}, exiting.')
+        break
+    return step
+
+  def _diagnose(self, step: int, batch: dict[str, jax.Array]) -> None:
+    """The gradient-variance record, on the params before the step (which
+    donates them); it reads them, never changes them."""
+    self.metrics.read_all()
+    with self.clock.paused():
+      self.writer.write('diagnostics', step,
+                        tokens=(step - 1) * self.tokens_per_step,
+                        **self.diagnose(self.params, batch))
+
+  def _evaluate(self, step: int) -> None:
+    with self.clock.paused():
+      self.eval_result = evaluate(self.setup, self.eval_step, self.params,
+                                  self.eval_batches)
+    self.writer.write('eval', step, tokens=step * self.tokens_per_step,
+                      **self.eval_result)
+    self.console.info(f'step {step}: eval loss {self.eval_result["loss"]:.4f}, '
+                      f'perplexity {self.eval_result["perplexity"]:.2f}')
+
+  def _save(self, step: int) -> None:
+    with self.clock.paused():
+      self.checkpointer.save(step, {'params': self.params,
+                                    'opt_state': self.opt_state,
+                                    'step': jnp.asarray(step, jnp.int32),
+                                    'rng': self.rng}, self.batches)
+
+  def _stop_after_skips(self, step: int) -> None:
+    """Saves and raises: ``step`` ended a run of too many skipped steps.
+
+    Skipped steps left params and optimizer state unchanged, and nothing is
+    queued after ``step``: this saves the last good state (a resume goes on
+    after these batches).
+    """
+    self._save(step)
+    n = self.metrics.skips_in_a_row
+    limit = self.config.train.max_consecutive_skips
+    raise TrainingError(
+        f'{n} consecutive steps had a non-finite loss, gradient or update '
+        f'(steps {step - n + 1}-{step}, train.max_consecutive_skips='
+        f'{limit}); stopped with the last good state (from step {step - n}) '
+        f'saved as the checkpoint of step {step}. Lower '
+        f'optimizer.learning_rate or check the data.')
+
+  def _log_steps(self, read: list[tuple[int, HostMetrics]]) -> None:
+    """Records, progress and the expected duration for the steps read."""
+    t = self.config.train
+    self.clock.step_done(read[-1][0])
+    rates = self.clock.rates()
+    for step, metrics in read:
+      skipped = int(metrics['skipped'])
+      if step % t.log_every == 0 or skipped:
+        self.writer.write('train', step, tokens=step * self.tokens_per_step,
+                          loss=float(metrics['loss']),
+                          grad_norm=float(metrics['grad_norm']),
+                          learning_rate=float(self.learning_rates[step - 1]),
+                          skipped=skipped, **rates)
+    self.console.advance(len(read), loss=f'{float(read[-1][1]["loss"]):.3f}',
+                         tok_s=f'{rates["tokens_per_s"] or 0:,.0f}')
+    if not self.duration_announced and self.clock.timed_steps >= 5:
+      self.duration_announced = True
+      self.console.info(expected_duration(
+          self.config, read[-1][0], self.clock.step_s,
+          time.time() - self.started, len(self.eval_batches)))
+
+  # ---------------------------------------------------------- summary ----
+
+  def _summary(self, final_step: int) -> dict[str, Any]:
+    return {
+        'optimizer': self.config.optimizer.name,
+        'steps': final_step,
+        'tokens': final_step * self.tokens_per_step,
+        'eval_loss': self.eval_result.get('loss'),
+        'eval_perplexity': self.eval_result.get('perplexity'),
+        **self.clock.rates(),
+        'devices': jax.device_count(),
+        'wall_s': time.time() - self.started,
+        'stopped_by': self.stop.reason,
+        **self.memory,
+    }
+
+  def _write_summary(self, summary: dict[str, Any]) -> None:
+    """``summary.json``, the loss plot and the summary line."""
+    (self.run_dir / 'summary.json').write_text(json.dumps(summary, indent=2))
+    if self.writer.path.exists():
+      m = self.config.model
+      plot_losses(self.writer.path, self.run_dir / 'loss.png',
+                  f'{self.config.optimizer.name}: LLaMA d{m.d_model} '
+                  f'L{m.n_layers}')
+    self.console.info(_summary_line(summary, self.run_dir))
 
 
 def _summary_line(s: dict[str, Any], run_dir: pathlib.Path) -> str:
@@ -443,7 +532,9 @@ def _summary_line(s: dict[str, Any], run_dir: pathlib.Path) -> str:
           f'outputs in {run_dir}')
 
 
-def _progress(config: Config, start: int, enabled: bool):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=config.train.steps, initial=start, disable=not enabled,
-              unit='step', dynamic_ncols=True)
+def train(config: Config, resume: bool = True) -> dict[str, Any]:
+  """Runs (or resumes) the training run described by ``config``."""
+  started = time.time()
+  distributed.initialize_distributed(config.distributed)
+  console = Console(main=jax.process_index() == 0)
+  return Trainer(config, console, resume=resume, started=started).run()

@@ -42,14 +42,8 @@ class MetricsWriter:
     """Drops records past ``step`` (a resumed run rewrites them)."""
     if not self.enabled or not self.path.exists():
       return
-    def kept(line: str) -> bool:
-      try:
-        return json.loads(line)['step'] <= step
-      except (ValueError, KeyError, TypeError):
-        return False  # A line torn by a killed process.
-
-    keep = [line for line in self.path.read_text().splitlines()
-            if line and kept(line)]
+    keep = [json.dumps(r) for r in read_records(self.path)
+            if r['step'] <= step]
     tmp = self.path.with_suffix('.jsonl.tmp')  # Killed here: nothing lost.
     tmp.write_text(''.join(line + '\n' for line in keep))
     tmp.replace(self.path)
@@ -60,9 +54,16 @@ class MetricsWriter:
 
 
 def read_records(path: pathlib.Path) -> list[dict[str, Any]]:
-  """The records of ``metrics.jsonl``, in order. A last line that does not
-  parse is one being written (or torn by a killed process): left out."""
-  lines = [line for line in path.read_text().splitlines() if line]
+  """The records of a ``metrics.jsonl``, in order; none if it is missing.
+
+  A last line that does not parse is one being written (or torn by a killed
+  process): left out. Any other line that does not parse is an error.
+  """
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    return []
+  lines = [line for line in text.splitlines() if line]
   records = []
   for i, line in enumerate(lines):
     try:

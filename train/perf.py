@@ -1,4 +1,4 @@
-"""Model FLOPs per token, the peak of known chips, and model FLOPs utilization.
+"""Model FLOPs per token, the peak of known chips, MFU, and a run's speed.
 
 MFU (PaLM, Chowdhery et al. 2022, appendix B) is the throughput of the run in
 model FLOPs over the peak of the hardware: the FLOPs a training step needs,
@@ -23,8 +23,10 @@ FLOPs per token of a training step (forward plus backward):
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -123,3 +125,65 @@ def mfu(tokens_per_second_per_device: float, flops_per_token: float,
   if peak is None:
     return None
   return tokens_per_second_per_device * flops_per_token / peak
+
+
+class Throughput:
+  """A run's speed: tokens/s (all devices and per device) and MFU.
+
+  The clock starts at the first :meth:`step_done` (the end of the first
+  step, which compiles) and stops at each later one; time inside
+  :meth:`paused` (evaluation, checkpoints, diagnostics) is left out.
+
+  Args:
+    tokens_per_step: tokens of one global batch.
+    devices: devices the step runs on.
+    flops_per_token: :func:`flops_per_token` of the model.
+    peak: :func:`peak_flops_per_device`, or None (no MFU).
+    clock: seconds, monotonic (a fake one in tests).
+  """
+
+  def __init__(self, tokens_per_step: int, devices: int,
+               flops_per_token: float, peak: Optional[float],
+               clock: Callable[[], float] = time.perf_counter):
+    self.tokens_per_step = tokens_per_step
+    self.devices = devices
+    self.flops_per_token = flops_per_token
+    self.peak = peak
+    self._clock = clock
+    self._first: Optional[int] = None
+    self._t0 = 0.0
+    self._paused_s = 0.0
+    self.timed_steps, self.elapsed_s = 0, 0.0
+
+  def step_done(self, step: int) -> None:
+    """Step ``step`` (and every step before it) has finished."""
+    now = self._clock()
+    if self._first is None:
+      self._first, self._t0, self._paused_s = step, now, 0.0
+      return
+    self.timed_steps = step - self._first
+    self.elapsed_s = now - self._t0 - self._paused_s
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    start = self._clock()
+    try:
+      yield
+    finally:
+      self._paused_s += self._clock() - start
+
+  @property
+  def step_s(self) -> Optional[float]:
+    """Seconds per step, or None before two steps have finished."""
+    return self.elapsed_s / self.timed_steps if self.timed_steps else None
+
+  def rates(self) -> dict[str, Optional[float]]:
+    """``tokens_per_s`` (all devices), ``tokens_per_s_per_device`` and
+    ``mfu``; None where not known yet (or no peak for MFU)."""
+    if not self.step_s:
+      return {'tokens_per_s': None, 'tokens_per_s_per_device': None,
+              'mfu': None}
+    tok_s = self.tokens_per_step / self.step_s
+    per_device = tok_s / self.devices
+    return {'tokens_per_s': tok_s, 'tokens_per_s_per_device': per_device,
+            'mfu': mfu(per_device, self.flops_per_token, self.peak)}

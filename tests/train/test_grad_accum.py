@@ -19,8 +19,8 @@ import harness
 from train import mesh as mesh_lib
 from train.config import ConfigError, load_config
 from train.dry_run import dry_run, format_report
-from train.loop import _global_batch
 from train.optim import make_optimizer
+from train.prefetch import global_batch
 from train.state import make_setup
 from train.step import make_train_step
 
@@ -45,8 +45,8 @@ def _five_steps(overrides: list[str]) -> tuple[list[float], dict]:
   losses = []
   with jax.set_mesh(mesh):
     for _ in range(STEPS):
-      batch = _global_batch(setup, {'inputs': tokens[:, :-1],
-                                    'targets': tokens[:, 1:]})
+      batch = global_batch(setup, {'inputs': tokens[:, :-1],
+                                   'targets': tokens[:, 1:]})
       params, opt_state, metrics = step(params, opt_state, batch)
       losses.append(float(metrics['loss']))
       assert int(metrics['skipped']) == 0

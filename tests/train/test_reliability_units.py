@@ -26,9 +26,9 @@ from train import mesh as mesh_lib
 from train.config import DataConfig, load_config
 from train.data import tfds_source
 from train.data import tokenizer as tokenizer_lib
-from train.loop import _global_batch
 from train.metrics import MetricsWriter, read_records
 from train.optim import make_optimizer
+from train.prefetch import global_batch
 from train.state import make_setup
 from train.step import make_train_step
 
@@ -294,8 +294,8 @@ def tiny_setup():
   setup = make_setup(config, mesh, tx, schedule)
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 512, (8, 65), dtype=np.int32)
-  batch = _global_batch(setup, {'inputs': tokens[:, :-1],
-                                'targets': tokens[:, 1:]})
+  batch = global_batch(setup, {'inputs': tokens[:, :-1],
+                               'targets': tokens[:, 1:]})
   init = jax.tree.map(np.array, setup.init_params(0))
   return setup, batch, make_train_step(setup), init
 

@@ -209,8 +209,8 @@ import json
 import jax, jax.numpy as jnp, numpy as np
 from train import mesh as mesh_lib, model as model_lib
 from train.config import load_config
-from train.loop import _global_batch
 from train.optim import make_optimizer
+from train.prefetch import global_batch
 from train.state import make_setup
 from train.step import make_train_step
 
@@ -227,7 +227,7 @@ def run(setup, params, batches):
   opt_state = setup.init_opt_state(params)
   with jax.set_mesh(setup.mesh):
     for b in batches:
-      params, opt_state, m = step(params, opt_state, _global_batch(setup, b))
+      params, opt_state, m = step(params, opt_state, global_batch(setup, b))
       jax.device_get(m)
   return jax.device_get(params)
 

@@ -51,8 +51,8 @@ _SCRIPT = textwrap.dedent(r'''
     import scale_optax
     from train import mesh as mesh_lib
     from train.config import load_config
-    from train.loop import _global_batch
     from train.optim import make_optimizer
+    from train.prefetch import global_batch
     from train.state import make_setup
     from train.step import make_train_step
 
@@ -122,7 +122,7 @@ _SCRIPT = textwrap.dedent(r'''
       # Compiled-step outputs keep the same shardings (no resharding drift).
       tokens = np.random.default_rng(0).integers(
           0, 512, (config.data.batch_size, config.data.seq_len), np.int32)
-      batch = _global_batch(setup, {'inputs': tokens, 'targets': tokens})
+      batch = global_batch(setup, {'inputs': tokens, 'targets': tokens})
       want_batch = NamedSharding(mesh, P(('data', 'fsdp'), None))
       if not batch['inputs'].sharding.is_equivalent_to(want_batch, 2):
         problems.append(f'batch: {batch["inputs"].sharding}')
@@ -147,7 +147,7 @@ _SCRIPT = textwrap.dedent(r'''
       with jax.set_mesh(setup.mesh):
         for b in batches:
           params, opt_state, m = step(params, opt_state,
-                                      _global_batch(setup, b))
+                                      global_batch(setup, b))
           jax.device_get(m)  # One step in flight at a time (DESIGN 4).
           history.append(jax.device_get(params))
       return history
