@@ -259,14 +259,16 @@ def _set_aside_checkpoints(run_dir: pathlib.Path, console: Console) -> None:
                  f'of metrics.jsonl) to {moved}')
 
 
-def _throughput(config: Config) -> perf.Throughput:
+def _throughput(config: Config, clock: Callable[[], float]
+                ) -> perf.Throughput:
   return perf.Throughput(
       tokens_per_step=config.data.batch_size * config.data.seq_len,
       devices=jax.device_count(),
       flops_per_token=perf.flops_per_token(config.model, config.data.seq_len),
       peak=perf.peak_flops_per_device(jax.devices()[0],
                                       jnp.dtype(config.model.dtype),
-                                      config.train.peak_tflops))
+                                      config.train.peak_tflops),
+      clock=clock)
 
 
 class Trainer:
@@ -279,10 +281,12 @@ class Trainer:
     resume: continue from the newest checkpoint; False sets old
       checkpoints aside and starts over.
     started: ``time.time()`` when the run began (for its wall time).
+    clock: what the run's speed is timed with (seconds, monotonic).
   """
 
   def __init__(self, config: Config, console: Console, resume: bool = True,
-               started: Optional[float] = None):
+               started: Optional[float] = None,
+               clock: Callable[[], float] = time.perf_counter):
     self.config = config
     self.console = console
     self.started = time.time() if started is None else started
@@ -316,7 +320,7 @@ class Trainer:
     self.learning_rates = np.asarray(jax.jit(jax.vmap(self.setup.schedule))(
         jnp.arange(config.train.steps)))
     self.tokens_per_step = config.data.batch_size * config.data.seq_len
-    self.clock = _throughput(config)
+    self.clock = _throughput(config, clock)
     self.stop = StopSignal(config.train.log_every)
     self.metrics = StepMetrics(
         self.start + 1, config.train.log_every,

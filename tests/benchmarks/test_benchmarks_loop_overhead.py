@@ -11,8 +11,9 @@ MICRO = ['model.vocab_size=512', 'model.d_model=32', 'model.n_layers=1',
 
 
 @pytest.mark.slow
-def test_main_reports_loop_and_bare_tokens_per_s(tmp_path, capsys):
-  argv = ['--steps', '6', '--repeats', '1',
+@pytest.mark.parametrize('clock', ['wall', 'cpu'])
+def test_main_reports_loop_and_bare_tokens_per_s(tmp_path, capsys, clock):
+  argv = ['--steps', '6', '--repeats', '1', '--clock', clock,
           '--override', f'data.data_dir={tmp_path / "data"}']
   for o in MICRO:
     argv += ['--override', o]
