@@ -45,7 +45,7 @@ from .prefetch import DevicePrefetch, global_batch
 from .state import TrainSetup, make_setup, memory_report
 from .step import make_eval_step, make_train_step
 
-HostMetrics = dict[str, np.ndarray]
+StepOutputs = dict[str, jax.Array]
 
 
 class TrainingError(RunError):
@@ -140,9 +140,11 @@ class StepMetrics:
   """The train step's metrics on their way to the host, read in batches.
 
   Reading a step's metrics waits for that step, so the host reads seldom and
-  queues the steps in between. Each read hands ``report`` the metrics of the
-  steps read, in order; :attr:`skips_in_a_row` counts the skipped steps at
-  the end of what has been read. Reads happen:
+  queues the steps in between. A read fetches each step's ``skipped`` flag
+  and hands ``report`` the steps read, in order, with their flags (their
+  other metrics are ready on the devices by then);
+  :attr:`skips_in_a_row` counts the skipped steps at the end of what has
+  been read. Reads happen:
 
   - for the first step at once (it compiles; the run's clock starts at its
     end);
@@ -160,21 +162,21 @@ class StepMetrics:
     log_every: ``train.log_every``.
     max_skips: ``train.max_consecutive_skips``.
     read_each_step: read each step as soon as it is queued.
-    report: gets ``[(step, host metrics), ...]`` after each read.
+    report: gets ``[(step, metrics, skipped), ...]`` after each read.
   """
 
   def __init__(self, first_step: int, log_every: int, max_skips: int,
                read_each_step: bool,
-               report: Callable[[list[tuple[int, HostMetrics]]], None]):
+               report: Callable[[list[tuple[int, StepOutputs, int]]], None]):
     self.first_step = first_step
     self.log_every = log_every
     self.max_skips = max_skips
     self.read_each_step = read_each_step
     self.report = report
-    self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self.pending: list[tuple[int, StepOutputs]] = []
     self.skips_in_a_row = 0
 
-  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+  def add(self, step: int, metrics: StepOutputs) -> None:
     """Step ``step`` has been queued; ``metrics`` are its device outputs."""
     self.pending.append((step, metrics))
     if (self.read_each_step or step == self.first_step
@@ -199,10 +201,10 @@ class StepMetrics:
     if not count:
       return
     taken, self.pending = self.pending[:count], self.pending[count:]
-    values = jax.device_get([metrics for _, metrics in taken])
-    for metrics in values:
-      self.skips_in_a_row = self.skips_in_a_row + 1 if metrics['skipped'] else 0
-    self.report([(step, v) for (step, _), v in zip(taken, values)])
+    flags = [int(f) for f in jax.device_get([m['skipped'] for _, m in taken])]
+    for skipped in flags:
+      self.skips_in_a_row = self.skips_in_a_row + 1 if skipped else 0
+    self.report([(step, m, f) for (step, m), f in zip(taken, flags)])
 
 
 def _build(config: Config) -> tuple[TrainSetup, Any]:
@@ -474,25 +476,27 @@ class Trainer:
         f'saved as the checkpoint of step {step}. Lower '
         f'optimizer.learning_rate or check the data.')
 
-  def _log_steps(self, read: list[tuple[int, HostMetrics]]) -> None:
+  def _log_steps(self, read: list[tuple[int, StepOutputs, int]]) -> None:
     """Records, progress and the expected duration for the steps read."""
     t = self.config.train
-    self.clock.step_done(read[-1][0])
+    last_step, last_metrics, _ = read[-1]
+    self.clock.step_done(last_step)
     rates = self.clock.rates()
-    for step, metrics in read:
-      skipped = int(metrics['skipped'])
-      if step % t.log_every == 0 or skipped:
-        self.writer.write('train', step, tokens=step * self.tokens_per_step,
-                          loss=float(metrics['loss']),
-                          grad_norm=float(metrics['grad_norm']),
-                          learning_rate=float(self.learning_rates[step - 1]),
-                          skipped=skipped, **rates)
-    self.console.advance(len(read), loss=f'{float(read[-1][1]["loss"]):.3f}',
+    logged = [(step, metrics, skipped) for step, metrics, skipped in read
+              if step % t.log_every == 0 or skipped]
+    values = jax.device_get([{k: m[k] for k in ('loss', 'grad_norm')}
+                             for _, m, _ in logged] + [last_metrics['loss']])
+    for (step, _, skipped), v in zip(logged, values):
+      self.writer.write('train', step, tokens=step * self.tokens_per_step,
+                        loss=float(v['loss']), grad_norm=float(v['grad_norm']),
+                        learning_rate=float(self.learning_rates[step - 1]),
+                        skipped=skipped, **rates)
+    self.console.advance(len(read), loss=f'{float(values[-1]):.3f}',
                          tok_s=f'{rates["tokens_per_s"] or 0:,.0f}')
     if not self.duration_announced and self.clock.timed_steps >= 5:
       self.duration_announced = True
       self.console.info(expected_duration(
-          self.config, read[-1][0], self.clock.step_s,
+          self.config, last_step, self.clock.step_s,
           time.time() - self.started, len(self.eval_batches)))
 
   # ---------------------------------------------------------- summary ----

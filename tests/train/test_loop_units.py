@@ -59,8 +59,10 @@ class _Loop:
                                read_each_step, self._report)
 
   def _report(self, read):
-    self.reads.append([step for step, _ in read])
-    self.reported += [(step, int(m['skipped'])) for step, m in read]
+    self.reads.append([step for step, _, _ in read])
+    for step, metrics, skipped in read:
+      assert int(metrics['loss']) == step  # The step's own metrics.
+      self.reported.append((step, skipped))
 
   def add(self, step: int, skipped: bool) -> None:
     self.queued = step
