@@ -148,7 +148,7 @@ _SCRIPT = textwrap.dedent(r'''
         for b in batches:
           params, opt_state, m = step(params, opt_state,
                                       global_batch(setup, b))
-          jax.device_get(m)  # One step in flight at a time (DESIGN 4).
+          jax.device_get(m)  # One step in flight at a time: host memory stays bounded.
           history.append(jax.device_get(params))
       return history
 
