@@ -350,7 +350,7 @@ def run_tests(root: pathlib.Path, tests: tuple[str, ...],
                      if p and pathlib.Path(p).resolve() != REPO])
   env['PYTHONDONTWRITEBYTECODE'] = '1'
   cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
-         '-m', '', *tests]
+         '-m', '', '-n', '0', *tests]
   try:
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -45,6 +45,7 @@ def test_paper_measure_and_ratio_on_llama_1b():
   assert ratio <= memory.TARGETS['llama_1b']
 
 
+@pytest.mark.slow  # A benchmark smoke run; 10 s.
 def test_main_runs_on_tiny_shapes(capsys):
   argv = ['--configs', 'tiny', '--compile-configs', 'tiny',
           '--optimizers', 'scale,adamw', '--batch-size', '2', '--no-what-if',

@@ -296,6 +296,7 @@ def _assert_same_losses(run_dir, reference, steps=range(1, 6)):
   np.testing.assert_allclose(got_eval['loss'], want_eval['loss'], rtol=RTOL)
 
 
+@pytest.mark.slow  # Two CLI runs; the default suite checks the sharded step in sharding_report.
 def test_one_device_run_learns_as_an_independent_replay(one_device_run,
                                                        data_dir):
   """The reference of every mesh comparison below is itself checked: its
@@ -310,6 +311,7 @@ def test_one_device_run_learns_as_an_independent_replay(one_device_run,
   ru.assert_run_matches_replay(one_device_run, config, dataset, processes=1)
 
 
+@pytest.mark.slow  # An 8-device CLI run (see sharding_report for the default check).
 def test_fsdp8_matches_one_device(fsdp8_run, one_device_run):
   _assert_same_losses(fsdp8_run, one_device_run)
 
@@ -326,7 +328,7 @@ def test_mesh_matches_one_device(mesh, tmp_path, one_device_run, data_dir,
 
 @pytest.mark.parametrize('mesh,devices', [
     pytest.param((2, 2, 2), 8, id='2x2x2', marks=pytest.mark.slow),
-    pytest.param((1, 1, 1), 1, id='one_device')])
+    pytest.param((1, 1, 1), 1, id='one_device', marks=pytest.mark.slow)])
 def test_restore_fsdp8_checkpoint_on_another_mesh(mesh, devices, tmp_path,
                                                   fsdp8_run, data_dir,
                                                   cache_dir):

@@ -575,6 +575,7 @@ def test_diagnostics_log_records_and_leave_training_unchanged(data_dir,
       f'{k}/{g}' for k in ('grad_var', 'grad_sq') for g in groups}
 
 
+@pytest.mark.slow  # Diagnostics of the study only; 15 s.
 def test_gradient_variance_matches_a_direct_computation(data_dir):
   from train import mesh as mesh_lib
   from train.diagnostics import gradient_variance, param_group
