@@ -15,8 +15,7 @@ from .runner import read_json, run_state
 
 def records(run_dir_path: pathlib.Path) -> list[dict[str, Any]]:
   """The run's ``metrics.jsonl`` records ([] without the file)."""
-  path = run_dir_path / 'metrics.jsonl'
-  return read_records(path) if path.exists() else []
+  return read_records(run_dir_path / 'metrics.jsonl')
 
 
 def collect_run(run: RunSpec) -> dict[str, Any]:
