@@ -221,6 +221,8 @@ BAD = {
     'sweep sets the seed': (lambda v: {**v, 'sweep': {'seed': 1}},
                             'sweep.seed'),
     'long not a mapping': (lambda v: {**v, 'long': 3}, 'long'),
+    'priority not in the study': (
+        lambda v: {**v, 'priority': ['scale', 'muon']}, 'priority'),
     'negative neighbours': (
         lambda v: {**v, 'long': {'steps': 8, 'neighbours': -1}},
         'long.neighbours'),
@@ -448,7 +450,7 @@ def test_runner_skips_finished_runs_and_resumes_partial_ones(
 
   monkeypatch.setattr(study_runner, 'execute_run', fake_execute)
   runner = study_runner.Runner(study, 1, quiet)
-  runner.run(specs, 'all')
+  runner.run(lambda: specs)
   assert calls == [(str(partial.run_dir), 'partial')]
   skipped = {p for p, r in runner.results.items() if r['status'] == 'skipped'}
   assert skipped == {s.run_dir for s in specs} - {partial.run_dir}
@@ -456,6 +458,73 @@ def test_runner_skips_finished_runs_and_resumes_partial_ones(
               SWEEP_LOSS[s.optimizer, s.learning_rate] is None]
   assert {runner.results[s.run_dir]['state'] for s in diverged} == {
       'diverged'}
+
+
+def _faking_runner(study, monkeypatch, fail=()):
+  """Replaces the trainer with one writing ``fake_run``'s files (the losses
+  of SWEEP_LOSS, LONG_LOSS and SEED1); runs whose label is in ``fail`` end
+  with an error instead. Returns the list of labels trained, in order."""
+  specs = {str(s.run_dir): s for s in (
+      study_config.spec(study, phase, name, lr, seed)
+      for phase in study.phases for name, rates in study.optimizers.items()
+      for lr in rates for seed in study.seeds + study.finalist_seeds)}
+  calls = []
+
+  def fake_execute(run_dir, values, state, prune):
+    del values, state, prune
+    spec = specs[run_dir]
+    calls.append(spec.label)
+    if spec.label in fail:
+      return {'status': 'error', 'error': 'RuntimeError: boom', 'wall_s': 0.0}
+    loss = (SWEEP_LOSS[spec.optimizer, spec.learning_rate]
+            if spec.phase == 'sweep' else SEED1[spec.optimizer] if spec.seed
+            else LONG_LOSS[spec.optimizer].get(spec.learning_rate))
+    fake_run(spec, loss)
+    return {'status': 'done' if loss else 'diverged', 'error': 'nan',
+            'summary': {}, 'wall_s': 0.0}
+
+  monkeypatch.setattr(study_runner, 'execute_run', fake_execute)
+  return calls
+
+
+def test_each_optimizer_is_trained_whole_in_priority_order(
+    data_dir, tmp_path, monkeypatch):
+  values = phased_values(data_dir, tmp_path)
+  values['priority'] = ['adamw']
+  study = study_lib.parse_study(values)
+  assert study.order == ('adamw', 'scale', 'sgd')
+  calls = _faking_runner(study, monkeypatch)
+  study_runner.Runner(study, 1, quiet).run(
+      lambda: study_results.all_specs(study))
+  sweep = lambda n: [f'sweep {n} lr={lr:g} seed=0' for lr in RATES]
+  # By hand: adamw's best sweep rate is 3e-3, scale's 1e-2, sgd's 3e-2 (at
+  # the grid's end: one neighbour); finalists: scale (always), then the best
+  # other long run, adamw's 1e-3 (3.8 against sgd's 4.6).
+  assert calls == (
+      sweep('adamw') + [f'long adamw lr={lr} seed=0'
+                        for lr in ('0.001', '0.003', '0.01')]
+      + sweep('scale') + [f'long scale lr={lr} seed=0'
+                          for lr in ('0.003', '0.01', '0.03')]
+      + sweep('sgd') + ['long sgd lr=0.01 seed=0', 'long sgd lr=0.03 seed=0']
+      + ['long scale lr=0.01 seed=1', 'long adamw lr=0.001 seed=1'])
+  calls.clear()
+  runner = study_runner.Runner(study, 1, quiet)
+  runner.run(lambda: study_results.all_specs(study))
+  assert not calls and len(runner.results) == 12 + 8 + 2
+  assert {r['status'] for r in runner.results.values()} == {'skipped'}
+
+
+def test_a_failed_sweep_run_holds_back_its_optimizer_and_the_finalists(
+    data_dir, tmp_path, monkeypatch):
+  study = study_lib.parse_study(phased_values(data_dir, tmp_path))
+  calls = _faking_runner(study, monkeypatch, fail={'sweep scale lr=0.01 seed=0'})
+  runner = study_runner.Runner(study, 1, quiet)
+  runner.run(lambda: study_results.all_specs(study))
+  assert calls.count('sweep scale lr=0.01 seed=0') == 1  # Not retried.
+  assert not any(c.startswith('long scale') or c.endswith('seed=1')
+                 for c in calls)
+  assert sum(c.startswith('long ') for c in calls) == 3 + 2  # adamw, sgd
+  assert not runner.stopped
 
 
 def test_the_stop_event_reaches_a_worker_as_sigterm():

@@ -28,7 +28,7 @@ _STUDY_OWNED = {
 }
 _TOP_KEYS = ('title', 'output_dir', 'docs_dir', 'base', 'overrides',
              'optimizers', 'seeds', 'sweep', 'long', 'finalists',
-             'diagnostics', 'prune_checkpoints')
+             'diagnostics', 'prune_checkpoints', 'priority')
 
 
 class StudyConfigError(ConfigError):
@@ -55,12 +55,20 @@ class Study:
   diagnostics_every: int = 10
   diagnostics_microbatches: int = 4
   prune_checkpoints: bool = True
+  priority: tuple[str, ...] = ()
   title: str = 'study'
   source: Optional[str] = None
 
   @property
   def phases(self) -> tuple[str, ...]:
     return (SWEEP, LONG) if self.long_train is not None else (SWEEP,)
+
+  @property
+  def order(self) -> tuple[str, ...]:
+    """The optimizers in the order the study trains them: ``priority``
+    first, then the others in the order of ``optimizers``."""
+    return self.priority + tuple(n for n in self.optimizers
+                                 if n not in self.priority)
 
   @property
   def final_phase(self) -> str:
@@ -207,6 +215,7 @@ def parse_study(values: Any, source: Optional[str] = None) -> Study:
   if not _is_int(micro) or micro < 2:
     raise _err('diagnostics.microbatches',
                f'expected an integer >= 2, got {micro!r}.')
+  priority = _names('priority', values.get('priority', []), optimizers)
   prune = values.get('prune_checkpoints', True)
   if not isinstance(prune, bool):
     raise _err('prune_checkpoints', f'expected true or false, got {prune!r}.')
@@ -232,7 +241,7 @@ def parse_study(values: Any, source: Optional[str] = None) -> Study:
                 finalists_top=top, finalist_seeds=fseeds,
                 diagnostics_optimizers=diag_opts, diagnostics_every=every,
                 diagnostics_microbatches=micro, prune_checkpoints=prune,
-                title=title, source=source)
+                priority=priority, title=title, source=source)
   # The trainer's own validation, once per optimizer and phase (names
   # `base.<key>`).
   for name, rates in optimizers.items():

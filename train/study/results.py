@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import pathlib
 import statistics
-from typing import Any, Optional
+from typing import Any
 
 from ..metrics import read_records
 from .config import LONG, SWEEP, RunSpec, Study, spec, sweep_specs
@@ -170,12 +170,29 @@ def finalist_specs(study: Study, rows: list[dict[str, Any]]) -> list[RunSpec]:
           for seed in study.finalist_seeds if seed not in study.seeds]
 
 
-def all_specs(study: Study, rows: Optional[list[dict[str, Any]]] = None
-              ) -> list[RunSpec]:
-  """Every run the study has decided on so far, from the finished ones."""
+def all_specs(study: Study) -> list[RunSpec]:
+  """Every run the study has decided on so far, from the finished ones, in
+  the order to train them.
+
+  Optimizer by optimizer (``study.order``): its sweep, then, once every
+  sweep run of it has finished, its long runs; the finalists' seeds once
+  every long run has finished. A study stopped part way thus leaves whole
+  rows of the table, the ``priority`` optimizers' first.
+  """
   sweep = sweep_specs(study)
-  sweep_rows = ([collect_run(s) for s in sweep] if rows is None
-                else _phase_rows(rows, SWEEP))
-  longs = long_specs(study, sweep_rows)
-  final_rows = sweep_rows + [collect_run(s) for s in longs]
-  return sweep + longs + finalist_specs(study, final_rows)
+  sweep_rows = [collect_run(s) for s in sweep]
+  out, rows, settled = [], list(sweep_rows), True
+  for name in study.order:
+    out += [s for s in sweep if s.optimizer == name]
+    mine = [r for r in sweep_rows if r['optimizer'] == name]
+    if any(r['status'] == 'missing' for r in mine):
+      settled = False
+      continue
+    longs = long_specs(study, mine)
+    long_rows = [collect_run(s) for s in longs]
+    out += longs
+    rows += long_rows
+    settled = settled and all(r['status'] != 'missing' for r in long_rows)
+  if settled:
+    out += finalist_specs(study, rows)
+  return out

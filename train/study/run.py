@@ -1,5 +1,6 @@
-"""Running a whole study: data once, the sweep, the long runs, the
-finalists' seeds, then the report."""
+"""Running a whole study: data once, then every run as the study decides on
+it (each optimizer's sweep, its long runs, the finalists' seeds), then the
+report."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import time
 from typing import Any, Callable
 
 from ..config import to_dict
-from .config import SWEEP, Study, run_config, sweep_specs
+from .config import SWEEP, Study, run_config
 from .report import write_report
-from .results import (all_specs, best_learning_rates, collect_run,
-                      finalist_specs, long_specs, select_finalists)
+from .results import all_specs, best_learning_rates, collect_run
 from .runner import Runner, read_json
 
 
@@ -60,32 +60,21 @@ def run_study(study: Study, jobs: int = 1,
   t0 = time.time()
   if jobs < 1:
     raise ValueError(f'jobs must be >= 1, got {jobs}.')
-  say(f'study {study.title}: phases {", ".join(study.phases)}, output in '
-      f'{study.output_dir}, report in {study.docs_dir}')
+  say(f'study {study.title}: phases {", ".join(study.phases)}, optimizers in '
+      f'the order {", ".join(study.order)}, output in {study.output_dir}, '
+      f'report in {study.docs_dir}')
   prepare_data(study, say)
   runner = Runner(study, jobs, say)
-  sweep = sweep_specs(study)
-  runner.run(sweep, SWEEP)
-  rows = [collect_run(s) for s in sweep]
-  for phase in study.phases[1:]:
-    if runner.stopped:
-      break
-    best = best_learning_rates(rows, study, SWEEP)
-    say('best sweep learning rates: ' + ', '.join(
-        f'{n} {lr:g}' for n, lr in best.items()))
-    longs = long_specs(study, rows)
-    runner.run(longs, phase)
-    rows += [collect_run(s) for s in longs]
-  if not runner.stopped:
-    finalists = select_finalists(rows, study)
-    say(f'finalists: {", ".join(finalists) or "none"}')
-    runner.run(finalist_specs(study, rows), 'finalists')
+  runner.run(lambda: all_specs(study))
   rows = [collect_run(s) for s in all_specs(study)]
+  best = best_learning_rates(rows, study, study.final_phase)
+  say(f'best {study.final_phase} learning rates: ' + ', '.join(
+      f'{n} {lr:g}' for n, lr in best.items()))
   report = write_report(study, rows, say)
   errors = sum(r['status'] == 'error' for r in runner.results.values())
   wall = time.time() - t0
-  say(f'study {study.title}: done in {wall / 60:.1f} min'
-      f'{f", {errors} run(s) failed with errors" if errors else ""}'
-      f'{" (stopped)" if runner.stopped else ""}')
+  say(f'study {study.title}: {"stopped" if runner.stopped else "done"} in '
+      f'{wall / 60:.1f} min'
+      f'{f", {errors} run(s) failed with errors" if errors else ""}')
   return {'results': runner.results, 'report': report, 'errors': errors,
           'stopped': runner.stopped, 'wall_s': wall}

@@ -148,7 +148,8 @@ def execute_run(run_dir_str: str, config_values: dict[str, Any], state: str,
 
 
 class Runner:
-  """Runs specs in this process (jobs=1) or in a pool of spawned workers.
+  """Trains a study's runs in this process (jobs=1) or in a pool of spawned
+  workers, as the study decides on them.
 
   ``results`` maps each run folder to its outcome; ``stopped`` turns true on
   SIGTERM / Ctrl-C (running trainers save a checkpoint, nothing new starts).
@@ -158,34 +159,24 @@ class Runner:
     self.study, self.jobs, self.say = study, jobs, say
     self.results: dict[pathlib.Path, dict[str, Any]] = {}
     self.stopped = False
+    self._trained = 0
 
-  def run(self, specs: list[RunSpec], phase: str) -> None:
-    todo = []
-    for spec in specs:
-      state = run_state(spec)
-      if state in ('done', 'diverged'):
-        self.results[spec.run_dir] = {'status': 'skipped', 'state': state}
-        self.say(f'[{phase}] {spec.label}: {state}, skipped')
-      else:
-        todo.append((spec, state))
-    if not todo or self.stopped:
-      return
-    self.say(f'[{phase}] {len(todo)} run(s) to train'
-             f'{f" in {self.jobs} processes" if self.jobs > 1 else ""}')
-    args = lambda spec, state: (str(spec.run_dir), to_dict(spec.config), state,
-                                self.study.prune_checkpoints)
+  def run(self, plan: Callable[[], list[RunSpec]]) -> None:
+    """Trains every run ``plan()`` lists, in its order, calling it again
+    whenever a run ends (a finished run can decide new ones).
+
+    Runs already finished on disk are skipped; each run is tried at most
+    once per call (a run that fails with an error is not retried).
+    """
     if self.jobs == 1:
-      for i, (spec, state) in enumerate(todo):
-        if self.stopped:
-          break
-        self._record(spec, state, execute_run(*args(spec, state)), i, len(todo),
-                     phase)
+      while not self.stopped and (item := self._next(plan, set())):
+        self._record(*item, execute_run(*self._args(*item)))
       return
     # At most `jobs` runs are submitted at a time, so a stop leaves nothing
     # queued in the pool.
     ctx = multiprocessing.get_context('spawn')
     stop_event = ctx.Event()
-    queue, running, count = list(todo), {}, 0
+    running: dict[futures.Future, tuple[RunSpec, str]] = {}
     with futures.ProcessPoolExecutor(self.jobs, mp_context=ctx,
                                      initializer=_worker_init,
                                      initargs=(stop_event,)) as pool:
@@ -203,11 +194,12 @@ class Runner:
       handlers = {s: signal.signal(s, stop)
                   for s in (signal.SIGTERM, signal.SIGINT)}
       try:
-        while queue or running:
-          while queue and len(running) < self.jobs and not self.stopped:
-            spec, state = queue.pop(0)
-            running[pool.submit(execute_run, *args(spec, state))] = (spec,
-                                                                    state)
+        while True:
+          busy = {spec.run_dir for spec, _ in running.values()}
+          while len(running) < self.jobs and not self.stopped and (
+              item := self._next(plan, busy)):
+            running[pool.submit(execute_run, *self._args(*item))] = item
+            busy.add(item[0].run_dir)
           if not running:
             break
           done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
@@ -218,14 +210,40 @@ class Runner:
             except Exception as e:  # pylint: disable=broad-except
               result = {'status': 'stopped' if self.stopped else 'error',
                         'error': f'{type(e).__name__}: {e}', 'wall_s': 0.0}
-            self._record(spec, state, result, count, len(todo), phase)
-            count += 1
+            self._record(spec, state, result)
       finally:
         for s, handler in handlers.items():
           signal.signal(s, handler)
 
-  def _record(self, spec, state, result, i, n, phase) -> None:
+  def _next(self, plan: Callable[[], list[RunSpec]], busy: set[pathlib.Path]
+            ) -> Optional[tuple[RunSpec, str]]:
+    """The first run of ``plan()`` to train and its state, skipping (and
+    recording) the finished ones; None when there is none."""
+    for spec in plan():
+      if spec.run_dir in self.results or spec.run_dir in busy:
+        continue
+      state = run_state(spec)
+      if state in ('done', 'diverged'):
+        self.results[spec.run_dir] = {'status': 'skipped', 'state': state}
+        self.say(f'[{self._phase(spec)}] {spec.label}: {state}, skipped')
+        continue
+      self.say(f'[{self._phase(spec)}] {spec.label}: '
+               f'{"resuming" if state == "partial" else "starting"}')
+      return spec, state
+    return None
+
+  def _args(self, spec: RunSpec, state: str) -> tuple[Any, ...]:
+    return (str(spec.run_dir), to_dict(spec.config), state,
+            self.study.prune_checkpoints)
+
+  def _phase(self, spec: RunSpec) -> str:
+    return ('finalists' if spec.phase == self.study.final_phase
+            and spec.seed not in self.study.seeds else spec.phase)
+
+  def _record(self, spec: RunSpec, state: str, result: dict[str, Any]
+              ) -> None:
     self.results[spec.run_dir] = {**result, 'state': state}
+    self._trained += 1
     status = result['status']
     detail = ''
     if status in ('done', 'stopped') and (result.get('summary') or {}).get(
@@ -236,7 +254,8 @@ class Runner:
     elif status in ('diverged', 'error'):
       detail = f': {result["error"].splitlines()[0]}'
     verb = 'resumed, ' if state == 'partial' else ''
-    self.say(f'[{phase} {i + 1}/{n}] {spec.label}: {verb}{status}{detail} '
-             f'({result["wall_s"]:.0f} s; log {spec.run_dir / "train.log"})')
+    self.say(f'[{self._phase(spec)} #{self._trained}] {spec.label}: {verb}'
+             f'{status}{detail} ({result["wall_s"]:.0f} s; log '
+             f'{spec.run_dir / "train.log"})')
     if status == 'stopped':
       self.stopped = True
