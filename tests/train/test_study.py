@@ -426,6 +426,35 @@ def test_results_page_puts_the_paper_beside_the_runs(phased_report):
   assert 'plain SGD trails Adam far behind (Figure 2) | yes | AdamW ' in page
 
 
+def test_the_page_says_which_optimizers_are_unfinished(data_dir, tmp_path,
+                                                      monkeypatch):
+  study = study_lib.parse_study(phased_values(data_dir, tmp_path))
+  page = lambda: (tmp_path / 'docs' / 'results.md').read_text()
+  # Only scale trained so far (its sweep and long runs): one of three.
+  calls = _faking_runner(study, monkeypatch,
+                         fail={'sweep adamw lr=0.001 seed=0',
+                               'sweep sgd lr=0.001 seed=0'})
+  study_runner.Runner(study, 1, quiet).run(
+      lambda: study_results.all_specs(study))
+  assert sum(c.startswith('long scale') for c in calls) == 3
+  study_lib.write_report(study, say=quiet)
+  assert '**In progress: 1 of 3 optimizers finished** (SCALE).' in page()
+  # Everything but the finalists' extra seeds.
+  finals = {'long scale lr=0.01 seed=1', 'long adamw lr=0.001 seed=1'}
+  calls = _faking_runner(study, monkeypatch, fail=finals)
+  study_runner.Runner(study, 1, quiet).run(
+      lambda: study_results.all_specs(study))
+  assert set(calls) >= finals
+  study_lib.write_report(study, say=quiet)
+  assert ("**In progress: every optimizer finished; the finalists' extra "
+          'seeds are still to train**') in page()
+  _faking_runner(study, monkeypatch)
+  study_runner.Runner(study, 1, quiet).run(
+      lambda: study_results.all_specs(study))
+  study_lib.write_report(study, say=quiet)
+  assert '**In progress' not in page()
+
+
 def test_spearman_and_lr_sensitivity_by_hand():
   assert study_page.spearman([1, 2, 3], [10, 20, 30]) == 1.0
   assert study_page.spearman([1, 2, 3], [3, 2, 1]) == -1.0
