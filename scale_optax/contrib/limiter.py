@@ -89,9 +89,10 @@ def scale_by_norm_growth_limiter(gamma: float = 1.01
     first = state.count == 0
     pairs = jax.tree.map(lambda u, n: limit_norm_growth(u, n, first, gamma),
                          updates, state.norm)
-    outer = jax.tree.structure(updates)
-    inner = jax.tree.structure((0, 0))
-    out, norm = jax.tree.transpose(outer, inner, pairs)
+    # Split the pairs at the leaves of `updates` (a tree without leaves, all
+    # masked out, stays as it is: jax.tree.transpose cannot take one).
+    out = jax.tree.map(lambda _, pair: pair[0], updates, pairs)
+    norm = jax.tree.map(lambda _, pair: pair[1], updates, pairs)
     return out, NormGrowthLimiterState(optax.safe_increment(state.count), norm)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -6,6 +6,7 @@ stacked tree must update exactly as the same layers given one by one.
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,3 +77,15 @@ def test_stacked_apollo_keeps_one_basis_and_limiter_norm_per_matrix():
       LAYERS, 16, 4)
   assert low_rank[1].norm['layers']['attn']['q_proj']['kernel'].shape == (
       LAYERS,)
+
+
+def test_limiter_takes_a_tree_with_every_leaf_masked_out():
+  # optax.partition hands each part the whole tree with the other parts'
+  # leaves as MaskedNode: a part may have no leaf at all.
+  params = {'embed': jnp.ones((4, 2)), 'norm': jnp.ones(2)}
+  tx = optax.masked(contrib.scale_by_norm_growth_limiter(1.01),
+                    {'embed': False, 'norm': False})
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(params, state)
+  chex.assert_trees_all_equal(updates, params)

@@ -623,16 +623,17 @@ def test_gpu_study_is_a_20_to_60m_model_on_python_source():
 
 
 @pytest.mark.slow
-def test_gpu_study_run_trains_two_steps_on_cpu(tmp_path):
+@pytest.mark.parametrize('name', list(study_paper.TABLE))
+def test_gpu_study_run_trains_two_steps_on_cpu(name, data_dir, tmp_path):
   from train.config import build_config
   study = study_lib.load_study(REPO / 'configs' / 'study_gpu.yaml')
-  for name in ('scale',):
-    values = to_dict(study_config.run_config(study, 'sweep', name, 1e-3, 0))
-    values['train'].update(steps=2, eval_every=2, checkpoint_every=2,
-                           eval_tokens=1024, run_dir=str(tmp_path / name))
-    values['data'].update(batch_size=4, data_dir=str(tmp_path / 'data'))
-    summary = train(build_config(values), resume=False)
-    assert summary['steps'] == 2 and math.isfinite(summary['eval_loss'])
+  lr = study.optimizers[name][0]
+  values = to_dict(study_config.run_config(study, 'sweep', name, lr, 0))
+  values['train'].update(steps=2, eval_every=2, checkpoint_every=2,
+                         eval_tokens=1024, run_dir=str(tmp_path / name))
+  values['data'].update(batch_size=4, data_dir=data_dir)
+  summary = train(build_config(values), resume=False)
+  assert summary['steps'] == 2 and math.isfinite(summary['eval_loss'])
 
 
 # --------------------------------------------------------------------------
