@@ -430,15 +430,22 @@ def test_the_page_says_which_optimizers_are_unfinished(data_dir, tmp_path,
                                                       monkeypatch):
   study = study_lib.parse_study(phased_values(data_dir, tmp_path))
   page = lambda: (tmp_path / 'docs' / 'results.md').read_text()
-  # Only scale trained so far (its sweep and long runs): one of three.
+  # Only scale's runs all ended: one of three. adamw has no long run; sgd
+  # one of two (its best so far, 3e-2, is marked unfinished).
   calls = _faking_runner(study, monkeypatch,
                          fail={'sweep adamw lr=0.001 seed=0',
-                               'sweep sgd lr=0.001 seed=0'})
+                               'long sgd lr=0.01 seed=0'})
   study_runner.Runner(study, 1, quiet).run(
       lambda: study_results.all_specs(study))
   assert sum(c.startswith('long scale') for c in calls) == 3
   study_lib.write_report(study, say=quiet)
   assert '**In progress: 1 of 3 optimizers finished** (SCALE).' in page()
+  assert '| AdamW | not run |' in page()
+  assert f'| SGD | {math.exp(4.6):.2f} (unfinished) | 0.03 |' in page()
+  assert f'| SCALE | {math.exp(3.7):.2f} | 0.01 |' in page()
+  # Verdicts use whole rows only.
+  assert 'plain SGD trails Adam far behind (Figure 2) | yes | — | not run |' \
+      in page()
   # Everything but the finalists' extra seeds.
   finals = {'long scale lr=0.01 seed=1', 'long adamw lr=0.001 seed=1'}
   calls = _faking_runner(study, monkeypatch, fail=finals)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from . import paper
 from .config import Study
@@ -26,17 +26,20 @@ def _memory_mb(row: _Row) -> float:
   return (row['param_bytes'] + row['opt_state_bytes']) / 1e6
 
 
-def _ppl(row: Optional[_Row]) -> str:
+def _ppl(row: Optional[_Row], whole: bool) -> str:
   if row is None:
     return 'not run'
+  mark = '' if whole else ' (unfinished)'
   if row['eval_ppl_std'] is None:
-    return f'{row["eval_ppl_mean"]:.2f}'
-  return f'{row["eval_ppl_mean"]:.2f} ± {row["eval_ppl_std"]:.2f}'
+    return f'{row["eval_ppl_mean"]:.2f}{mark}'
+  return f'{row["eval_ppl_mean"]:.2f} ± {row["eval_ppl_std"]:.2f}{mark}'
 
 
-def paper_table(best: dict[str, _Row], size: str = '60M') -> list[str]:
+def paper_table(best: dict[str, _Row], whole: Sequence[str],
+                size: str = '60M') -> list[str]:
   """The paper's table: this study's perplexity and memory next to the
-  paper's ``size`` column; memory also as a fraction of AdamW's."""
+  paper's ``size`` column; memory also as a fraction of AdamW's. Rows of
+  optimizers not in ``whole`` are marked unfinished."""
   adam = best.get('adamw')
   p_adam = paper.TABLE['adamw'][size][1]
   lines = [
@@ -52,19 +55,20 @@ def paper_table(best: dict[str, _Row], size: str = '60M') -> list[str]:
     ratio = (f'{_memory_mb(row) / _memory_mb(adam):.2f}' if row and adam
              else '—')
     rate = f'{row["learning_rate"]:g}' if row else '—'
-    lines.append(f'| {label(name)} | {_ppl(row)} | {rate} | {mem} | {ratio} '
+    lines.append(f'| {label(name)} | {_ppl(row, name in whole)} | {rate} | '
+                 f'{mem} | {ratio} '
                  f'| {p_ppl:.2f} | {p_mem:.2f} | {p_mem / p_adam:.2f} |')
   return lines
 
 
-def ablation_table(best: dict[str, _Row]) -> list[str]:
+def ablation_table(best: dict[str, _Row], whole: Sequence[str]) -> list[str]:
   """The bottom-up study's rows (with SCALE and AdamW for reference)."""
   lines = ['| optimizer | perplexity (best rate) | best rate | weights + '
            'state (MB) |', '|---|---|---|---|']
   for name in ('adamw', 'sgd', 'sgd_column_norm', 'sgd_row_norm', 'scale',
                'scale_first_last'):
     row = best.get(name)
-    lines.append(f'| {label(name)} | {_ppl(row)} | '
+    lines.append(f'| {label(name)} | {_ppl(row, name in whole)} | '
                  f'{row["learning_rate"]:g} | {_memory_mb(row):.2f} |'
                  if row else f'| {label(name)} | not run | — | — |')
   return lines
@@ -176,22 +180,30 @@ def variance_means(vrows: list[_Row], optimizer: str) -> dict[str, float]:
   return {g: statistics.fmean(v) for g, v in groups.items()}
 
 
+def whole_rows(results: list[_Row], study: Study) -> dict[str, _Row]:
+  """:func:`best_rows` of the optimizers whose sweep and long runs have all
+  ended (a finalist's extra seeds may still be missing), in study order."""
+  best = best_rows(results, study)
+  unfinished = {r['optimizer'] for r in results
+                if r['n_missing'] and not r['finalist']}
+  return {n: best[n] for n in study.order
+          if n in best and n not in unfinished}
+
+
 def progress_lines(results: list[_Row], study: Study) -> list[str]:
   """A banner while the study is unfinished: which optimizers' rows are
   whole (their sweep and every long run finished) and whether the
   finalists' extra seeds are still to come; empty once all are done."""
-  best = best_rows(results, study)
-  unfinished = {r['optimizer'] for r in results
-                if r['n_missing'] and not r['finalist']}
-  whole = [n for n in study.order if n in best and n not in unfinished]
+  whole = list(whole_rows(results, study))
   if len(whole) < len(study.optimizers):
     return [f'**In progress: {len(whole)} of {len(study.optimizers)} '
             f'optimizers finished** ({", ".join(map(label, whole)) or "none"}).'
             ' The others read "not run" until `python -m train.study` (it '
             'resumes where it stopped) has trained them, optimizer by '
-            'optimizer, and so do the verdicts about them. The finalists\' '
-            'extra seeds come after every optimizer\'s long runs: until then '
-            'each perplexity here is one seed.', '']
+            'optimizer, and so do the verdicts about them; a row marked '
+            '"unfinished" is the best of the long runs ended so far. The '
+            'finalists\' extra seeds come after every optimizer\'s long runs: '
+            'until then each perplexity here is one seed.', '']
   if any(r['n_missing'] for r in results if r['finalist']):
     return ['**In progress: every optimizer finished; the finalists\' extra '
             'seeds are still to train** (`python -m train.study` resumes).', '']
@@ -227,6 +239,7 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
                  ) -> str:
   """The whole page."""
   best = best_rows(results, study)
+  whole = whole_rows(results, study)
   tokens_per_param = info['tokens'] / info['params']
   diagnosed = next((n for n in study.diagnostics_optimizers
                     if variance_means(vrows, n)), None)
@@ -260,10 +273,10 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       f'weight decay {info["weight_decay"]:g}, {info["dtype"]}. Seeds '
       f'{info["seeds"]}, finalists add {info["finalist_seeds"]}.', '',
       '## The paper\'s table at this scale', '',
-      *paper_table(best), '',
+      *paper_table(best, list(whole)), '',
       'Memory here is float32 weights + optimizer state; the paper counts 2 '
       'bytes a value, so compare the ratios to AdamW/Adam, not the sizes.', '',
-      '## The bottom-up study', '', *ablation_table(best), '',
+      '## The bottom-up study', '', *ablation_table(best, list(whole)), '',
       '## Figures', '',
       '![Figure 1: perplexity against memory](ppl_vs_memory.png)', '',
       '*Figure 1 at this scale: final perplexity against weights + optimizer '
@@ -283,7 +296,7 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       'said otherwise).', '',
       '| claim | the paper | here | verdict |', '|---|---|---|---|',
       *[f'| {c} | {p} | {h} | {v} |'
-        for c, p, h, v in claims(best, results, study, variance)], '',
+        for c, p, h, v in claims(whole, results, study, variance)], '',
       'Why a small-scale ranking may differ from the paper\'s: this model '
       f'has {info["params"] / 58.07e6:.1%} of the parameters of the paper\'s '
       f'smallest (58.07M); the data are `{info["data"]}`, not C4 English; '
