@@ -19,7 +19,8 @@ still treat each layer's slice as the unrolled model's leaf:
   row-normalized ablations (whose norm would run over the layer axis) refuse;
 - any other optimizer (Adafactor: factored moments and per-leaf RMS clipping;
   the rivals of scale_optax.contrib: their norm scales are vectors per layer)
-  runs on the stacked leaves under ``jax.vmap`` over the layer axis.
+  runs on the stacked leaves under ``jax.vmap`` over the layer axis, its step
+  counters shared by every layer (``per_layer``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import scale_optax
@@ -89,19 +91,38 @@ def _muon_dims(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(dims, params)
 
 
+def _shared_leaves(tx: optax.GradientTransformation, params: Any) -> Any:
+  """vmap axes of ``tx``'s state over stacked ``params``: None (one value for
+  every layer) for integer leaves (step counters, PRNG keys), 0 elsewhere."""
+  one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                           params)
+  return jax.tree.map(
+      lambda s: None if jnp.issubdtype(s.dtype, jnp.integer) else 0,
+      jax.eval_shape(tx.init, one_layer))
+
+
 def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """``tx`` applied to each layer's slice of stacked leaves (``jax.vmap`` over
-  axis 0 of params, updates and state: step counters become ``[L]``)."""
+  """``tx`` applied to each layer's slice of stacked leaves.
+
+  ``jax.vmap`` over axis 0 of params, updates and the float state; integer
+  state (step counters, PRNG keys) is one value for all layers, as it is for
+  each unrolled layer, so a ``lax.cond`` on the step stays a branch (batched,
+  it would become a ``select`` that runs both branches, e.g. GaLore's SVD, on
+  every step). Integer state that came to depend on a layer's data would be
+  refused by ``jax.vmap`` (a mapped output where ``out_axes`` is None).
+  """
 
   def init_fn(params):
     if not any(hasattr(x, 'shape') for x in jax.tree.leaves(params)):
       # optax.tree_map_params inits on a placeholder for the state's
       # structure, which vmap leaves unchanged.
       return tx.init(params)
-    return jax.vmap(tx.init)(params)
+    return jax.vmap(tx.init, out_axes=_shared_leaves(tx, params))(params)
 
   def update_fn(updates, state, params=None):
-    return jax.vmap(tx.update)(updates, state, params)
+    axes = _shared_leaves(tx, updates)
+    return jax.vmap(tx.update, in_axes=(0, axes, 0),
+                    out_axes=(0, axes))(updates, state, params)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
