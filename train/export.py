@@ -101,10 +101,14 @@ class CheckpointParams:
     self._checkpointer = ocp.PyTreeCheckpointer()
     try:
       tree = self._checkpointer.metadata(self.directory).item_metadata
-      params = tree['params']
-    except Exception as e:  # orbax raises many types; name the checkpoint.
+    except (OSError, ValueError) as e:  # a file orbax cannot read or parse
       raise ExportError(f'checkpoint {step_dir} has no readable parameters '
                         f'({type(e).__name__}: {str(e)[:200]}).') from None
+    # orbax answers None where it finds no metadata it can read.
+    if tree is None or 'params' not in tree:
+      raise ExportError(f'checkpoint {step_dir} has no readable parameters '
+                        f'({self.directory} holds no "params" tree).')
+    params = tree['params']
     from scale_optax import path_str  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     saved = {path_str(p): leaf for p, leaf in

@@ -200,6 +200,20 @@ def test_import_of_a_directory_without_a_model(tmp_path):
     hf_llama.open_hf(tmp_path, eu.tiny_config())
 
 
+@pytest.mark.parametrize('saved', ['nothing', 'no_params'])
+def test_checkpoint_without_parameters_is_named(tmp_path, saved):
+  import orbax.checkpoint as ocp
+  step_dir = tmp_path / '7'
+  if saved == 'no_params':
+    ocp.PyTreeCheckpointer().save(step_dir / 'state',
+                                  {'opt_state': {'count': np.zeros(())}})
+  else:
+    (step_dir / 'state').mkdir(parents=True)
+  with pytest.raises(export.ExportError,
+                     match=f'checkpoint {step_dir} has no readable parameters'):
+    export.CheckpointParams(step_dir, eu.tiny_config())
+
+
 # ------------------------------------------- python -m train.export CLI --
 
 
