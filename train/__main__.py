@@ -12,12 +12,12 @@ import sys
 from typing import Optional, Sequence
 
 from .config import load_config, resolve_config_path
-from .errors import cli
+from .errors import cli, prog
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m train',
+      prog=prog(__package__),
       description='Pretrain a LLaMA with SCALE (or a baseline optimizer).')
   parser.add_argument('--config', default='tiny',
                       help='YAML config: a path or a name in configs/ '

@@ -17,6 +17,7 @@ with its traceback.
 from __future__ import annotations
 
 import functools
+import pathlib
 import sys
 from typing import Callable, ParamSpec
 
@@ -37,6 +38,16 @@ def one_line(message: str) -> str:
   """``message`` on one line (a multi-line message's lines joined)."""
   return ' / '.join(line.strip() for line in message.splitlines()
                     if line.strip())
+
+
+def prog(module: str) -> str:
+  """The command's name for usage lines: the console script it was started
+  as (``scale-train``), else ``python -m <module>`` (``train.export``, or
+  ``scale_optax_train.export`` when installed)."""
+  started_as = pathlib.Path(sys.argv[0]).name if sys.argv else ''
+  if started_as and not started_as.endswith('.py') and started_as != '-c':
+    return started_as
+  return f'python -m {module}'
 
 
 def cli(main: Callable[P, int]) -> Callable[P, int]:

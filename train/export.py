@@ -38,7 +38,7 @@ import numpy as np
 
 from . import hf_llama
 from .config import ConfigError, Config, ModelConfig, load_config
-from .errors import RunError, cli
+from .errors import RunError, cli, prog
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -289,7 +289,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike,
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m train.export',
+      prog=prog(__spec__.name),
       description='Export a run\'s checkpoint as a Hugging Face LLaMA '
       '(LlamaForCausalLM) directory. The reverse: start a run from one with '
       'the config key train.init_from=DIR.')

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import pkgutil
+import sys
 
 import pytest
 
@@ -178,3 +179,14 @@ def test_no_traceback_through_python_m_train(tmp_path, data_dir):
   assert res.stderr.splitlines() == [
       f"error: data.text_key='content' is not a feature of data set "
       f"'embedded' (embedded_text/1.0.0 under {data_dir}); it has ['text']."]
+
+
+@pytest.mark.parametrize('argv0, expected', [
+    ('/venv/bin/scale-train', 'scale-train'),
+    ('/repo/train/__main__.py', 'python -m train.export'),
+    ('-c', 'python -m train.export'),
+])
+def test_usage_names_the_command_as_it_was_started(monkeypatch, argv0,
+                                                   expected):
+  monkeypatch.setattr(sys, 'argv', [argv0])
+  assert errors.prog('train.export') == expected

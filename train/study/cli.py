@@ -7,7 +7,7 @@ import json
 import time
 from typing import Optional, Sequence
 
-from ..errors import UsageError, cli
+from ..errors import UsageError, cli, prog
 from .config import DEFAULT_CONFIG, QUICK_CONFIG, load_study
 from .estimate import estimate_study
 from .report import write_report
@@ -16,7 +16,7 @@ from .run import prepare_data, run_study
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m train.study',
+      prog=prog(__package__),
       description='Run a grid of trainer runs (optimizers x learning rates x '
       'seeds; short sweep, then long runs), resuming finished runs, and '
       'write a results page, tables and plots.')
