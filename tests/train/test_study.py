@@ -472,6 +472,21 @@ def test_spearman_and_lr_sensitivity_by_hand():
                                     'scale'}
 
 
+def test_the_plan_reads_summaries_not_curves(data_dir, tmp_path,
+                                            monkeypatch):
+  """The runner calls the plan after every run: it must not read every
+  finished run's metrics.jsonl."""
+  study, _ = write_phased_study(data_dir, tmp_path)
+  expected = study_results.all_specs(study)
+  assert any(s.seed == 1 for s in expected)  # every phase was decided
+
+  def no_curves(run_dir):
+    raise AssertionError(f'the plan read the curves of {run_dir}')
+
+  monkeypatch.setattr(study_results, 'records', no_curves)
+  assert study_results.all_specs(study) == expected
+
+
 def test_runner_skips_finished_runs_and_resumes_partial_ones(
     data_dir, tmp_path, monkeypatch):
   study, _ = write_phased_study(data_dir, tmp_path)

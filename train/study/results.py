@@ -18,22 +18,31 @@ def records(run_dir_path: pathlib.Path) -> list[dict[str, Any]]:
   return read_records(run_dir_path / 'metrics.jsonl')
 
 
-def collect_run(run: RunSpec) -> dict[str, Any]:
-  """One row of ``runs.csv`` (plus the run's curves under ``'records'``)."""
+def run_row(run: RunSpec) -> dict[str, Any]:
+  """The run's status and ``summary.json`` figures (None before it is done):
+  what the plan needs, without reading its curves."""
   state = run_state(run)
   row: dict[str, Any] = {
       'phase': run.phase, 'optimizer': run.optimizer,
       'learning_rate': run.learning_rate, 'seed': run.seed,
       'status': state if state in ('done', 'diverged') else 'missing'}
   summary = read_json(run.run_dir / 'summary.json') if state == 'done' else None
-  recs = records(run.run_dir) if state in ('done', 'diverged') else []
-  train_losses = [r['loss'] for r in recs if r.get('kind') == 'train'
-                  and not r.get('skipped')]
   for key in ('steps', 'tokens', 'eval_loss', 'eval_perplexity',
               'opt_state_bytes', 'param_bytes', 'tokens_per_s', 'wall_s'):
     row[key] = summary[key] if summary else None
+  row['run_dir'] = str(run.run_dir)
+  return row
+
+
+def collect_run(run: RunSpec) -> dict[str, Any]:
+  """One row of ``runs.csv``: :func:`run_row` plus the last train loss (and
+  the run's curves under ``'records'``)."""
+  row = run_row(run)
+  recs = records(run.run_dir) if row['status'] != 'missing' else []
+  train_losses = [r['loss'] for r in recs if r.get('kind') == 'train'
+                  and not r.get('skipped')]
   row.update(final_train_loss=train_losses[-1] if train_losses else None,
-             run_dir=str(run.run_dir), records=recs)
+             records=recs)
   return row
 
 
@@ -180,7 +189,7 @@ def all_specs(study: Study) -> list[RunSpec]:
   rows of the table, the ``priority`` optimizers' first.
   """
   sweep = sweep_specs(study)
-  sweep_rows = [collect_run(s) for s in sweep]
+  sweep_rows = [run_row(s) for s in sweep]
   out, rows, settled = [], list(sweep_rows), True
   for name in study.order:
     out += [s for s in sweep if s.optimizer == name]
@@ -189,7 +198,7 @@ def all_specs(study: Study) -> list[RunSpec]:
       settled = False
       continue
     longs = long_specs(study, mine)
-    long_rows = [collect_run(s) for s in longs]
+    long_rows = [run_row(s) for s in longs]
     out += longs
     rows += long_rows
     settled = settled and all(r['status'] != 'missing' for r in long_rows)
