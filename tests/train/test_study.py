@@ -334,6 +334,44 @@ def test_long_runs_are_the_best_rate_and_its_grid_neighbours(data_dir,
   assert str(scale_run.run_dir).endswith('long/scale/lr_0.003/seed_0')
 
 
+def test_long_runs_walk_past_a_best_rate_at_their_edge(data_dir, tmp_path):
+  study = study_lib.parse_study(phased_values(data_dir, tmp_path))
+  for s in study_config.sweep_specs(study):
+    fake_run(s, SWEEP_LOSS[s.optimizer, s.learning_rate])
+
+  def long_rates(name):
+    return sorted({s.learning_rate for s in study_results.all_specs(study)
+                   if s.phase == 'long' and s.optimizer == name})
+
+  def finish(name, lr, loss):
+    fake_run(study_config.spec(study, 'long', name, lr, 0), loss)
+
+  # scale: sweep best 1e-2, so 3e-3, 1e-2 and 3e-2 long; 3e-3 (the lowest)
+  # is best, so 1e-3 runs long too, once all three have ended.
+  assert long_rates('scale') == [3e-3, 1e-2, 3e-2]
+  finish('scale', 3e-3, 3.6)
+  finish('scale', 1e-2, 3.7)
+  assert long_rates('scale') == [3e-3, 1e-2, 3e-2]
+  finish('scale', 3e-2, 4.2)
+  assert long_rates('scale') == [1e-3, 3e-3, 1e-2, 3e-2]
+  finish('scale', 1e-3, 3.65)  # worse than 3e-3: the walk stops.
+  assert long_rates('scale') == [1e-3, 3e-3, 1e-2, 3e-2]
+  # adamw walks up from 1e-2 to 3e-2, which diverges: it stops there.
+  for lr, loss in ((1e-3, 3.9), (3e-3, 3.85), (1e-2, 3.8)):
+    finish('adamw', lr, loss)
+  assert long_rates('adamw') == [1e-3, 3e-3, 1e-2, 3e-2]
+  finish('adamw', 3e-2, None)
+  assert long_rates('adamw') == [1e-3, 3e-3, 1e-2, 3e-2]
+  # sgd's best long rate is the grid's top: no walk beyond it. Every long
+  # run has ended now, so the finalists' seeds follow, at the walked rates.
+  finish('sgd', 1e-2, 4.9)
+  finish('sgd', 3e-2, 4.6)
+  assert long_rates('sgd') == [1e-2, 3e-2]
+  finals = [(s.optimizer, s.learning_rate) for s in
+            study_results.all_specs(study) if s.seed == 1]
+  assert finals == [('scale', 3e-3), ('adamw', 1e-2)]
+
+
 def write_phased_study(data_dir, tmp_path):
   """Every run of the phased study on disk; returns the study."""
   study = study_lib.parse_study(phased_values(data_dir, tmp_path))
@@ -414,6 +452,8 @@ def test_results_page_puts_the_paper_beside_the_runs(phased_report):
   assert (f'| SCALE | {scale_ppl:.2f} ± {scale_std:.2f} | 0.01 | 0.00 | 0.37 '
           f'| 30.81 | 0.15 | 0.43 |') in page
   assert '| Muon | not run | — | — | — | 28.86 | 0.23 | 0.66 |' in page
+  # sgd's best rate, 3e-2, is the top of its grid (1e-3 ... 3e-2).
+  assert f'| SGD | {math.exp(4.6):.2f} | 0.03 (grid end) |' in page
   # SCALE (ppl exp(3.7) mean with exp(3.75)) beats AdamW (exp(3.8), exp(3.86)
   # mean): the paper's 60M column says SCALE trails Adam.
   adam_ppl = np.mean(np.exp([3.8, SEED1['adamw']]))
@@ -441,7 +481,8 @@ def test_the_page_says_which_optimizers_are_unfinished(data_dir, tmp_path,
   study_lib.write_report(study, say=quiet)
   assert '**In progress: 1 of 3 optimizers finished** (SCALE).' in page()
   assert '| AdamW | not run |' in page()
-  assert f'| SGD | {math.exp(4.6):.2f} (unfinished) | 0.03 |' in page()
+  assert (f'| SGD | {math.exp(4.6):.2f} (unfinished) | 0.03 (grid end) |'
+          in page())
   assert f'| SCALE | {math.exp(3.7):.2f} | 0.01 |' in page()
   # Verdicts use whole rows only.
   assert 'plain SGD trails Adam far behind (Figure 2) | yes | — | not run |' \

@@ -13,9 +13,11 @@ other processes' load stretches the wall clock more than it changes the CPU
 seconds a step needs.
 
 The plan: every sweep run; ``2 * neighbours + 1`` long runs per optimizer and
-sweep seed (an upper bound: a best rate at the end of its grid has one
-neighbour); ``(len(always) + top) * extra seeds`` finalist runs at the mean
-long-run cost (which optimizers they are is decided by the study).
+sweep seed (a best rate at the end of its grid has fewer neighbours, and the
+walk past a best long rate at the edge of the long runs adds one per grid
+step: neither is known before the runs, so neither is counted);
+``(len(always) + top) * extra seeds`` finalist runs at the mean long-run cost
+(which optimizers they are is decided by the study).
 """
 
 from __future__ import annotations

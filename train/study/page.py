@@ -35,6 +35,13 @@ def _ppl(row: Optional[_Row], whole: bool) -> str:
   return f'{row["eval_ppl_mean"]:.2f} ± {row["eval_ppl_std"]:.2f}{mark}'
 
 
+def _rate(row: _Row) -> str:
+  """The best rate; marked where it is the end of the optimizer's grid (a
+  rate beyond it, never tried, might be better)."""
+  return f'{row["learning_rate"]:g}' + (' (grid end)' if row['grid_end']
+                                         else '')
+
+
 def paper_table(best: dict[str, _Row], whole: Sequence[str],
                 size: str = '60M') -> list[str]:
   """The paper's table: this study's perplexity and memory next to the
@@ -54,7 +61,7 @@ def paper_table(best: dict[str, _Row], whole: Sequence[str],
     mem = f'{_memory_mb(row):.2f}' if row else '—'
     ratio = (f'{_memory_mb(row) / _memory_mb(adam):.2f}' if row and adam
              else '—')
-    rate = f'{row["learning_rate"]:g}' if row else '—'
+    rate = _rate(row) if row else '—'
     lines.append(f'| {label(name)} | {_ppl(row, name in whole)} | {rate} | '
                  f'{mem} | {ratio} '
                  f'| {p_ppl:.2f} | {p_mem:.2f} | {p_mem / p_adam:.2f} |')
@@ -69,7 +76,7 @@ def ablation_table(best: dict[str, _Row], whole: Sequence[str]) -> list[str]:
                'scale_first_last'):
     row = best.get(name)
     lines.append(f'| {label(name)} | {_ppl(row, name in whole)} | '
-                 f'{row["learning_rate"]:g} | {_memory_mb(row):.2f} |'
+                 f'{_rate(row)} | {_memory_mb(row):.2f} |'
                  if row else f'| {label(name)} | not run | — | — |')
   return lines
 
@@ -275,7 +282,11 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       '## The paper\'s table at this scale', '',
       *paper_table(best, list(whole)), '',
       'Memory here is float32 weights + optimizer state; the paper counts 2 '
-      'bytes a value, so compare the ratios to AdamW/Adam, not the sizes.', '',
+      'bytes a value, so compare the ratios to AdamW/Adam, not the sizes. '
+      'The best rate is the best long run\'s; long runs walk past a best rate '
+      'at their edge, one grid step at a time, until it lies between two '
+      'worse rates or at the end of the swept grid ("grid end": a rate '
+      'beyond it was never tried).', '',
       '## The bottom-up study', '', *ablation_table(best, list(whole)), '',
       '## Figures', '',
       '![Figure 1: perplexity against memory](ppl_vs_memory.png)', '',

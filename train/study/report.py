@@ -24,7 +24,7 @@ RESULT_COLUMNS = ('phase', 'optimizer', 'learning_rate', 'seeds', 'n_runs',
                   'eval_ppl_mean', 'eval_ppl_std', 'eval_ppl_min',
                   'eval_ppl_max', 'opt_state_bytes', 'param_bytes',
                   'state_over_params', 'steps', 'tokens', 'tokens_per_s_mean',
-                  'best_lr', 'finalist')
+                  'best_lr', 'grid_end', 'finalist')
 
 
 def _csv_value(v: Any) -> Any:

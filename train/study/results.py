@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import pathlib
 import statistics
-from typing import Any
+from typing import Any, Sequence
 
 from ..metrics import read_records
 from .config import LONG, SWEEP, RunSpec, Study, spec, sweep_specs
@@ -106,6 +106,8 @@ def aggregate(rows: list[dict[str, Any]], study: Study
             'tokens_per_s_mean': _mean([r['tokens_per_s'] for r in done
                                         if r['tokens_per_s']]),
             'best_lr': best.get(name) == lr,
+            'grid_end': lr in (min(study.optimizers[name]),
+                               max(study.optimizers[name])),
             'finalist': (phase == study.final_phase and name in finalists
                          and best.get(name) == lr),
         })
@@ -135,20 +137,49 @@ def best_learning_rates(rows: list[dict[str, Any]], study: Study,
   return best
 
 
+def _ended(rows: list[dict[str, Any]], name: str, rates: list[float],
+           seeds: Sequence[int]) -> bool:
+  """Whether every run of ``name`` at ``rates`` x ``seeds`` in ``rows`` ended."""
+  ended = {(r['learning_rate'], r['seed']) for r in rows
+           if r['optimizer'] == name and r['status'] != 'missing'}
+  return all((lr, seed) in ended for lr in rates for seed in seeds)
+
+
 def long_specs(study: Study, rows: list[dict[str, Any]]) -> list[RunSpec]:
   """Phase 2: each optimizer's best sweep rate and its ``long.neighbours``
-  neighbours on each side of the sweep grid, long, with the sweep seeds."""
+  neighbours on each side of the sweep grid, long, with the sweep seeds.
+
+  Then, once those have ended, a walk: while the best long rate is the
+  lowest (highest) rate run long and the grid goes lower (higher), the next
+  grid rate on that side runs long too, so that the best long rate ends
+  between two worse ones or at the grid's end (no walk from a single long
+  rate: ``neighbours: 0`` with nothing to compare). ``rows`` holds the sweep's
+  rows and the long rows known so far (:func:`all_specs` calls this again as
+  long runs end).
+  """
   if study.long_train is None:
     return []
   best = best_learning_rates(rows, study, SWEEP)
+  long_rows = _phase_rows(rows, LONG)
   out = []
   for name, rates in study.optimizers.items():
     if name not in best:
       continue
     grid = sorted(rates)
     i, n = grid.index(best[name]), study.long_neighbours
+    lo, hi = max(0, i - n), min(len(grid) - 1, i + n)
+    while hi > lo and _ended(long_rows, name, grid[lo:hi + 1], study.seeds):
+      ran = [r for r in long_rows if r['optimizer'] == name
+             and grid[lo] <= r['learning_rate'] <= grid[hi]]
+      best_long = best_learning_rates(ran, study, LONG).get(name)
+      if best_long == grid[lo] and lo > 0:
+        lo -= 1
+      elif best_long == grid[hi] and hi < len(grid) - 1:
+        hi += 1
+      else:
+        break
     out += [spec(study, LONG, name, lr, seed)
-            for lr in grid[max(0, i - n):i + n + 1] for seed in study.seeds]
+            for lr in grid[lo:hi + 1] for seed in study.seeds]
   return out
 
 
@@ -197,8 +228,12 @@ def all_specs(study: Study) -> list[RunSpec]:
     if any(r['status'] == 'missing' for r in mine):
       settled = False
       continue
-    longs = long_specs(study, mine)
-    long_rows = [run_row(s) for s in longs]
+    longs, long_rows = [], []
+    while True:  # the walk of long_specs, one grid step per pass
+      grown = long_specs(study, mine + long_rows)
+      if len(grown) == len(longs):
+        break
+      longs, long_rows = grown, [run_row(s) for s in grown]
     out += longs
     rows += long_rows
     settled = settled and all(r['status'] != 'missing' for r in long_rows)
