@@ -101,7 +101,8 @@ class CheckpointParams:
     self._checkpointer = ocp.PyTreeCheckpointer()
     try:
       tree = self._checkpointer.metadata(self.directory).item_metadata
-    except (OSError, ValueError) as e:  # a file orbax cannot read or parse
+    # A file orbax cannot read or parse, or JSON of another structure.
+    except (OSError, ValueError, KeyError, TypeError) as e:
       raise ExportError(f'checkpoint {step_dir} has no readable parameters '
                         f'({type(e).__name__}: {str(e)[:200]}).') from None
     # orbax answers None where it finds no metadata it can read.

@@ -105,11 +105,15 @@ def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """``tx`` applied to each layer's slice of stacked leaves.
 
   ``jax.vmap`` over axis 0 of params, updates and the float state; integer
-  state (step counters, PRNG keys) is one value for all layers, as it is for
-  each unrolled layer, so a ``lax.cond`` on the step stays a branch (batched,
-  it would become a ``select`` that runs both branches, e.g. GaLore's SVD, on
-  every step). Integer state that came to depend on a layer's data would be
+  state (step counters, raw ``uint32`` PRNG keys) is one value for all
+  layers, so a ``lax.cond`` on the step stays a branch (batched, it would
+  become a ``select`` that runs both branches, e.g. GaLore's SVD, on every
+  step). Integer state that came to depend on a layer's data would be
   refused by ``jax.vmap`` (a mapped output where ``out_axes`` is None).
+
+  One difference from the unrolled model remains: a random draw is the same
+  for every layer (APOLLO's random bases: one key, one leaf index), where
+  unrolled each layer's leaf draws its own.
   """
 
   def init_fn(params):

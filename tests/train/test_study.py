@@ -354,9 +354,9 @@ def test_long_runs_walk_past_a_best_rate_at_their_edge(data_dir, tmp_path):
   assert long_rates('scale') == [3e-3, 1e-2, 3e-2]
   finish('scale', 3e-2, 4.2)
   assert long_rates('scale') == [1e-3, 3e-3, 1e-2, 3e-2]
-  finish('scale', 1e-3, 3.65)  # worse than 3e-3: the walk stops.
+  finish('scale', 1e-3, 3.65)  # the grid's bottom: no further.
   assert long_rates('scale') == [1e-3, 3e-3, 1e-2, 3e-2]
-  # adamw walks up from 1e-2 to 3e-2, which diverges: it stops there.
+  # adamw walks up from 1e-2 to 3e-2, the grid's top (a diverged run).
   for lr, loss in ((1e-3, 3.9), (3e-3, 3.85), (1e-2, 3.8)):
     finish('adamw', lr, loss)
   assert long_rates('adamw') == [1e-3, 3e-3, 1e-2, 3e-2]
@@ -370,6 +370,51 @@ def test_long_runs_walk_past_a_best_rate_at_their_edge(data_dir, tmp_path):
   finals = [(s.optimizer, s.learning_rate) for s in
             study_results.all_specs(study) if s.seed == 1]
   assert finals == [('scale', 3e-3), ('adamw', 1e-2)]
+
+
+def test_a_walk_takes_several_steps_and_stops_inside_the_grid(data_dir,
+                                                              tmp_path):
+  grid = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+  study = study_lib.parse_study(study_values(
+      data_dir, tmp_path, optimizers={'scale': grid, 'adamw': grid},
+      sweep={'steps': 4}, long={'steps': 8, 'eval_every': 4, 'neighbours': 1},
+      finalists={'always': ['scale'], 'top': 0, 'seeds': [1]}))
+  sweep = {'scale': 1e-2, 'adamw': 1e-3}  # each one's best sweep rate
+  for s in study_config.sweep_specs(study):
+    fake_run(s, 4.0 if s.learning_rate == sweep[s.optimizer] else 5.0)
+  long_loss = {'scale': {3e-4: 3.7, 1e-3: 3.5, 3e-3: 3.6, 1e-2: 3.8,
+                         3e-2: 4.2},
+               'adamw': {3e-4: 3.9, 1e-3: 3.8, 3e-3: 3.7, 1e-2: 3.75}}
+  # scale's runs all on disk (as if from an earlier call): one call walks
+  # two steps down, 1e-3 (better than 3e-3) then 3e-4 (worse than 1e-3).
+  for lr, loss in long_loss['scale'].items():
+    fake_run(study_config.spec(study, 'long', 'scale', lr, 0), loss)
+  for lr in (3e-4, 1e-3, 3e-3):  # adamw's first three: 3e-3 is best
+    fake_run(study_config.spec(study, 'long', 'adamw', lr, 0),
+             long_loss['adamw'][lr])
+
+  def long_rates(name):
+    return sorted({s.learning_rate for s in study_results.all_specs(study)
+                   if s.phase == 'long' and s.optimizer == name})
+
+  assert long_rates('scale') == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+  assert long_rates('adamw') == [3e-4, 1e-3, 3e-3, 1e-2]
+  fake_run(study_config.spec(study, 'long', 'adamw', 1e-2, 0), 3.75)
+  assert long_rates('adamw') == [3e-4, 1e-3, 3e-3, 1e-2]  # 1e-2 is worse
+  specs = study_results.all_specs(study)
+  assert [(s.optimizer, s.learning_rate) for s in specs if s.seed == 1] == [
+      ('scale', 1e-3)]
+  results = study_results.aggregate(
+      [study_results.collect_run(s) for s in specs], study)
+  # Sensitivity: the best rate's grid neighbours only (3e-4 and 3e-3 for
+  # scale; 1e-2 and 3e-2, also run long, are left out).
+  ppl = {lr: math.exp(loss) for lr, loss in long_loss['scale'].items()}
+  np.testing.assert_allclose(
+      study_page.lr_sensitivity(results, study, 'scale'),
+      (ppl[3e-4] + ppl[3e-3]) / 2 / ppl[1e-3], rtol=1e-6)
+  best = study_page.best_rows(results, study)
+  assert best['scale']['learning_rate'] == 1e-3
+  assert not best['scale']['grid_end']
 
 
 def write_phased_study(data_dir, tmp_path):

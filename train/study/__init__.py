@@ -26,7 +26,9 @@ A study is a grid of trainer runs described by a YAML file
 
 The sweep runs every optimizer at every rate of its grid (short runs); with
 ``long``, each optimizer's best sweep rate (lowest mean final eval loss over
-the seeds) and its ``neighbours`` grid neighbours on each side then run long;
+the seeds) and its ``neighbours`` grid neighbours on each side then run long,
+and while the best long rate is the lowest (highest) of them, the next grid
+rate below (above) runs long too (``results.long_specs``);
 the finalists (chosen on the last phase) get their extra seeds at their best
 rate of that phase. Runs go in sequence (default) or in ``--jobs N``
 processes. A run whose ``summary.json`` exists and whose ``config.yaml``

@@ -105,15 +105,23 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 def lr_sensitivity(results: list[_Row], study: Study, name: str
                    ) -> Optional[float]:
-  """Mean perplexity of the final phase's other rates over the best rate's
-  (1 = insensitive); None without a best rate and a finished neighbour."""
-  rows = [r for r in results if r['optimizer'] == name
-          and r['phase'] == study.final_phase and r['eval_ppl_mean']]
-  best = [r for r in rows if r['best_lr']]
-  others = [r['eval_ppl_mean'] for r in rows if not r['best_lr']]
-  if not best or not others:
+  """Mean perplexity of the best rate's grid neighbours (one step on each
+  side, those with finished final-phase runs) over the best rate's (1 =
+  insensitive); None without a best rate and a finished neighbour. Rates
+  further away (a walk's) are left out, so every optimizer is measured over
+  the same span of its grid."""
+  rows = {r['learning_rate']: r for r in results if r['optimizer'] == name
+          and r['phase'] == study.final_phase and r['eval_ppl_mean']}
+  best = [lr for lr, r in rows.items() if r['best_lr']]
+  if not best:
     return None
-  return statistics.fmean(others) / best[0]['eval_ppl_mean']
+  grid = sorted(study.optimizers[name])
+  i = grid.index(best[0])
+  others = [rows[lr]['eval_ppl_mean'] for lr in grid[max(0, i - 1):i + 2]
+            if lr != best[0] and lr in rows]
+  if not others:
+    return None
+  return statistics.fmean(others) / rows[best[0]]['eval_ppl_mean']
 
 
 def _verdict(here: Optional[bool], paper_says: bool) -> str:
@@ -241,6 +249,21 @@ def cost_lines(estimate: Optional[dict[str, Any]]) -> list[str]:
   return lines
 
 
+def rate_note(study: Study) -> str:
+  """How the tables' best rate was chosen (a walk only with neighbours)."""
+  if study.long_train is None:
+    how = 'the lowest sweep loss'
+  elif study.long_neighbours == 0:
+    how = 'the best sweep rate, run long alone (no neighbours, no walk)'
+  else:
+    how = ('the lowest long-run loss; long runs walk past a best rate at '
+           'their edge, one grid step at a time, until it is neither the '
+           'lowest nor the highest rate run long, or the end of the swept '
+           'grid')
+  return (f'The best rate is {how}; "grid end" marks a best rate at the end '
+          'of the swept grid (a rate beyond it was never tried).')
+
+
 def results_page(study: Study, results: list[_Row], info: dict[str, Any],
                  vrows: list[_Row], estimate: Optional[dict[str, Any]]
                  ) -> str:
@@ -283,10 +306,7 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       *paper_table(best, list(whole)), '',
       'Memory here is float32 weights + optimizer state; the paper counts 2 '
       'bytes a value, so compare the ratios to AdamW/Adam, not the sizes. '
-      'The best rate is the best long run\'s; long runs walk past a best rate '
-      'at their edge, one grid step at a time, until it lies between two '
-      'worse rates or at the end of the swept grid ("grid end": a rate '
-      'beyond it was never tried).', '',
+      + rate_note(study), '',
       '## The bottom-up study', '', *ablation_table(best, list(whole)), '',
       '## Figures', '',
       '![Figure 1: perplexity against memory](ppl_vs_memory.png)', '',
