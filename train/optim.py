@@ -17,10 +17,12 @@ still treat each layer's slice as the unrolled model's leaf:
 - SCALE normalizes the stacked kernels over axis 1 (``reduction_axes``), and
   the stacked norm scales, rank 2 now, go to its AdamW (``vector_mask``); the
   row-normalized ablations (whose norm would run over the layer axis) refuse;
+- GaLore, Fira, APOLLO and APOLLO-Mini take a stack of kernels as separate
+  matrices (one projection each); their other leaves get an elementwise AdamW;
 - any other optimizer (Adafactor: factored moments and per-leaf RMS clipping;
-  the rivals of scale_optax.contrib: their norm scales are vectors per layer)
-  runs on the stacked leaves under ``jax.vmap`` over the layer axis, its step
-  counters shared by every layer (``per_layer``).
+  Stable-SPAM: per-leaf statistics; SWAN: its norm scales are vectors per
+  layer) runs on the stacked leaves under ``jax.vmap`` over the layer axis,
+  its step counters shared by every layer (``per_layer``).
 """
 
 from __future__ import annotations
@@ -111,9 +113,9 @@ def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   step). Integer state that came to depend on a layer's data would be
   refused by ``jax.vmap`` (a mapped output where ``out_axes`` is None).
 
-  One difference from the unrolled model remains: a random draw is the same
-  for every layer (APOLLO's random bases: one key, one leaf index), where
-  unrolled each layer's leaf draws its own.
+  A random draw would be the same for every layer (one key, one leaf index),
+  where unrolled each layer's leaf draws its own: the optimizers with random
+  state (APOLLO) take the stacked leaves directly instead.
   """
 
   def init_fn(params):
@@ -159,9 +161,13 @@ SCALE_VARIANTS: dict[str, Callable[..., optax.GradientTransformation]] = {
     'scale_first_last': _scale_variant(
         output_layer=scale_optax.FIRST_AND_LAST_LAYERS),
 }
-# Right on stacked layer leaves as they are (elementwise, or Muon's
-# dimension numbers, which see the layer axis).
-LAYOUT_FREE = frozenset({'adamw', 'sgd', 'sgd_momentum', 'muon', 'lion'})
+# Right on stacked layer leaves as they are: elementwise, Muon's dimension
+# numbers (which see the layer axis), or the low-rank rivals, which take a
+# stack of kernels as separate matrices (scale_optax.contrib.low_rank: one
+# projection, basis and limiter norm per matrix, each layer's random basis
+# its own draw) and give the stacked norm scales an elementwise AdamW.
+LAYOUT_FREE = frozenset({'adamw', 'sgd', 'sgd_momentum', 'muon', 'lion',
+                         'galore', 'fira', 'apollo', 'apollo_mini'})
 
 OPTIMIZERS: dict[str, Builder] = {
     **SCALE_VARIANTS,

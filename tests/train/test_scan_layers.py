@@ -101,7 +101,9 @@ def test_same_loss_and_gradients(remat):
     pytest.param('muon', marks=pytest.mark.slow),
     pytest.param('adafactor', marks=pytest.mark.slow),
     pytest.param('sgd_column_norm', marks=pytest.mark.slow),
-    pytest.param('galore', marks=pytest.mark.slow)])
+    pytest.param('galore', marks=pytest.mark.slow),
+    pytest.param('fira', marks=pytest.mark.slow),
+    pytest.param('stable_spam', marks=pytest.mark.slow)])
 def test_same_optimizer_steps(name):
   """Two trainer steps from the same initial values: params (1e-5) and the
   loss of every step agree; SCALE's output-layer momentum and AdamW's moments
@@ -119,9 +121,10 @@ def test_same_optimizer_steps(name):
       p_s, o_s, m_s = step_s(p_s, o_s, batch)
       np.testing.assert_allclose(m_s['loss'], m_u['loss'], rtol=1e-5)
       assert int(m_s['skipped']) == int(m_u['skipped']) == 0
-  # GaLore's SVD of one matrix and of a batch of them round differently.
+  # GaLore's and Fira's SVD of one matrix and of a batch of them round
+  # differently.
   _close(model_lib.unstack_layers(p_s), p_u,
-         atol=1e-5 if name == 'galore' else 1e-6)
+         atol=1e-5 if name in ('galore', 'fira') else 1e-6)
 
 
 @pytest.mark.parametrize('name', [
@@ -129,7 +132,8 @@ def test_same_optimizer_steps(name):
 def test_random_projection_optimizers_step_scanned_layers(name):
   """APOLLO's norm-growth limiter also runs on the partition without
   low-rank matrices (embedding, head: every leaf masked out). Its random
-  bases differ between the layouts, so only the scanned steps are checked."""
+  bases differ between the layouts, so only the scanned steps are checked,
+  and that each layer has its own basis, as each unrolled leaf has."""
   scanned = _setup(_config(True, f'optimizer.name={name}'))
   params = scanned.init_params(0)
   before = jax.tree.map(np.asarray, params)
@@ -145,6 +149,11 @@ def test_random_projection_optimizers_step_scanned_layers(name):
   moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
                        params, before)
   assert all(jax.tree.leaves(moved)), moved
+  bases = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(
+      opt_state) if '.basis' in jax.tree_util.keystr(p)]
+  assert len(bases) == 7  # q, k, v, o, gate, up, down: [layers, in, rank]
+  for b in bases:
+    assert b.shape[0] == 3 and not np.allclose(b[0], b[1]), b.shape
 
 
 def test_scale_normalizes_each_layer_over_its_own_fan_in():
