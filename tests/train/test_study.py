@@ -558,6 +558,29 @@ def test_spearman_and_lr_sensitivity_by_hand():
                                     'scale'}
 
 
+def test_the_sensitivity_verdict_waits_for_both_rows(data_dir, tmp_path):
+  study = study_lib.parse_study(study_values(
+      data_dir, tmp_path, optimizers={'scale': RATES, 'stable_spam': RATES},
+      long={'steps': 8, 'eval_every': 4, 'neighbours': 1}))
+  ppl = {'scale': [110.0, 100.0, 105.0], 'stable_spam': [150.0, 100.0, 120.0]}
+  results = [{'optimizer': n, 'phase': 'long', 'learning_rate': lr,
+              'eval_ppl_mean': p, 'best_lr': lr == 3e-3,
+              'param_bytes': 1000, 'opt_state_bytes': 1000}
+             for n, ps in ppl.items() for lr, p in zip(RATES, ps)]
+  best = {n: next(r for r in results if r['optimizer'] == n and r['best_lr'])
+          for n in ppl}
+
+  def verdict(whole):
+    rows = study_page.claims(whole, results, study, {})
+    return next(r for r in rows if r[0].startswith('SCALE is less sensitive'))
+
+  # Stable-SPAM's row not whole yet: no verdict from its runs so far.
+  assert verdict({'scale': best['scale']})[2:] == ('—', 'not run')
+  # Both whole: (110 + 105) / 2 / 100 against (150 + 120) / 2 / 100.
+  assert verdict(best)[2:] == ('neighbour/best perplexity 1.075 vs 1.350',
+                               'agrees')
+
+
 def test_the_plan_reads_summaries_not_curves(data_dir, tmp_path,
                                             monkeypatch):
   """The runner calls the plan after every run: it must not read every

@@ -132,7 +132,8 @@ def _verdict(here: Optional[bool], paper_says: bool) -> str:
 
 def claims(best: dict[str, _Row], results: list[_Row], study: Study,
            variance: dict[str, float]) -> list[tuple[str, str, str, str]]:
-  """``(claim, the paper, here, verdict)`` for each claim the runs decide."""
+  """``(claim, the paper, here, verdict)`` for each claim the runs decide,
+  from the rows in ``best`` (the whole ones) only."""
   ppl = {n: r['eval_ppl_mean'] for n, r in best.items()}
   out = []
 
@@ -173,8 +174,9 @@ def claims(best: dict[str, _Row], results: list[_Row], study: Study,
     out.append(('the LM head has the largest gradient variance, then the '
                 'embedding (Figure 4)', 'yes', ', '.join(order[:3]),
                 _verdict(order[:2] == ['lm_head', 'embed'], True)))
-  s_scale = lr_sensitivity(results, study, 'scale')
-  s_spam = lr_sensitivity(results, study, 'stable_spam')
+  # Whole rows only (``best``), as every other verdict.
+  s_scale, s_spam = (lr_sensitivity(results, study, n) if n in best else None
+                     for n in ('scale', 'stable_spam'))
   out.append(('SCALE is less sensitive to the learning rate than '
               'Stable-SPAM (Figure 5)', 'yes (130M)',
               '—' if s_scale is None or s_spam is None else
