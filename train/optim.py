@@ -93,14 +93,12 @@ def _muon_dims(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(dims, params)
 
 
-def _shared_leaves(tx: optax.GradientTransformation, params: Any) -> Any:
-  """vmap axes of ``tx``'s state over stacked ``params``: None (one value for
-  every layer) for integer leaves (step counters, PRNG keys), 0 elsewhere."""
-  one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                           params)
+def _state_axes(state: Any) -> Any:
+  """vmap axes of a per-layer optimizer state (arrays or shapes): None (one
+  value for every layer) for integer leaves (step counters, PRNG keys), 0
+  elsewhere."""
   return jax.tree.map(
-      lambda s: None if jnp.issubdtype(s.dtype, jnp.integer) else 0,
-      jax.eval_shape(tx.init, one_layer))
+      lambda s: None if jnp.issubdtype(s.dtype, jnp.integer) else 0, state)
 
 
 def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -123,10 +121,13 @@ def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
       # optax.tree_map_params inits on a placeholder for the state's
       # structure, which vmap leaves unchanged.
       return tx.init(params)
-    return jax.vmap(tx.init, out_axes=_shared_leaves(tx, params))(params)
+    one_layer = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+    axes = _state_axes(jax.eval_shape(tx.init, one_layer))
+    return jax.vmap(tx.init, out_axes=axes)(params)
 
   def update_fn(updates, state, params=None):
-    axes = _shared_leaves(tx, updates)
+    axes = _state_axes(state)
     return jax.vmap(tx.update, in_axes=(0, axes, 0),
                     out_axes=(0, axes))(updates, state, params)
 
