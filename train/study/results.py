@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import pathlib
 import statistics
-from typing import Any, Sequence
+from typing import Any, Callable
 
 from ..metrics import read_records
 from .config import LONG, SWEEP, RunSpec, Study, spec, sweep_specs
@@ -137,15 +137,9 @@ def best_learning_rates(rows: list[dict[str, Any]], study: Study,
   return best
 
 
-def _ended(rows: list[dict[str, Any]], name: str, rates: list[float],
-           seeds: Sequence[int]) -> bool:
-  """Whether every run of ``name`` at ``rates`` x ``seeds`` in ``rows`` ended."""
-  ended = {(r['learning_rate'], r['seed']) for r in rows
-           if r['optimizer'] == name and r['status'] != 'missing'}
-  return all((lr, seed) in ended for lr in rates for seed in seeds)
-
-
-def long_specs(study: Study, rows: list[dict[str, Any]]) -> list[RunSpec]:
+def long_specs(study: Study, sweep_rows: list[dict[str, Any]],
+               row_of: Callable[[RunSpec], dict[str, Any]] = run_row
+               ) -> list[RunSpec]:
   """Phase 2: each optimizer's best sweep rate and its ``long.neighbours``
   neighbours on each side of the sweep grid, long, with the sweep seeds.
 
@@ -153,14 +147,13 @@ def long_specs(study: Study, rows: list[dict[str, Any]]) -> list[RunSpec]:
   lowest (highest) rate run long and the grid goes lower (higher), the next
   grid rate on that side runs long too, so that the best long rate ends
   between two worse ones or at the grid's end (no walk from a single long
-  rate: ``neighbours: 0`` with nothing to compare). ``rows`` holds the sweep's
-  rows and the long rows known so far (:func:`all_specs` calls this again as
-  long runs end).
+  rate: ``neighbours: 0`` with nothing to compare). The best sweep rates come
+  from ``sweep_rows``; the walk reads each long run's row with ``row_of``
+  (:func:`run_row`: its status and summary on disk) as it goes.
   """
   if study.long_train is None:
     return []
-  best = best_learning_rates(rows, study, SWEEP)
-  long_rows = _phase_rows(rows, LONG)
+  best = best_learning_rates(sweep_rows, study, SWEEP)
   out = []
   for name, rates in study.optimizers.items():
     if name not in best:
@@ -168,9 +161,11 @@ def long_specs(study: Study, rows: list[dict[str, Any]]) -> list[RunSpec]:
     grid = sorted(rates)
     i, n = grid.index(best[name]), study.long_neighbours
     lo, hi = max(0, i - n), min(len(grid) - 1, i + n)
-    while hi > lo and _ended(long_rows, name, grid[lo:hi + 1], study.seeds):
-      ran = [r for r in long_rows if r['optimizer'] == name
-             and grid[lo] <= r['learning_rate'] <= grid[hi]]
+    while hi > lo:
+      ran = [row_of(spec(study, LONG, name, lr, seed))
+             for lr in grid[lo:hi + 1] for seed in study.seeds]
+      if any(r['status'] == 'missing' for r in ran):
+        break
       best_long = best_learning_rates(ran, study, LONG).get(name)
       if best_long == grid[lo] and lo > 0:
         lo -= 1
@@ -228,12 +223,8 @@ def all_specs(study: Study) -> list[RunSpec]:
     if any(r['status'] == 'missing' for r in mine):
       settled = False
       continue
-    longs, long_rows = [], []
-    while True:  # the walk of long_specs, one grid step per pass
-      grown = long_specs(study, mine + long_rows)
-      if len(grown) == len(longs):
-        break
-      longs, long_rows = grown, [run_row(s) for s in grown]
+    longs = long_specs(study, mine)
+    long_rows = [run_row(s) for s in longs]
     out += longs
     rows += long_rows
     settled = settled and all(r['status'] != 'missing' for r in long_rows)
