@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from scale_optax import contrib
+from optimizer_steps import apply_steps
 
 LAYERS = 2
 KERNELS = {('attn', 'q_proj'): (16, 16), ('mlp', 'down_proj'): (24, 16),
@@ -39,14 +40,6 @@ def _trees(seed):
   return as_f32(stacked), as_f32(separate)
 
 
-def _run(tx, params, grads):
-  state, update = tx.init(params), jax.jit(tx.update)
-  for g in grads:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-  return params
-
-
 @pytest.mark.parametrize('build', [
     functools.partial(contrib.galore, rank=4, update_gap=2),
     functools.partial(contrib.fira, rank=4, update_gap=2),
@@ -56,8 +49,8 @@ def test_stacked_kernels_update_as_separate_layers(build):
   tx = build(0.01)
   stacked, separate = _trees(0)
   grads = [_trees(seed) for seed in (1, 2, 3)]
-  got = _run(tx, stacked, [g[0] for g in grads])
-  want = _run(tx, separate, [g[1] for g in grads])
+  got, _ = apply_steps(tx, stacked, [g[0] for g in grads])
+  want, _ = apply_steps(tx, separate, [g[1] for g in grads])
   for i in range(LAYERS):
     for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i],
                                                  got['layers'])),
@@ -69,7 +62,7 @@ def test_stacked_kernels_update_as_separate_layers(build):
 def test_stacked_apollo_keeps_one_basis_and_limiter_norm_per_matrix():
   stacked, _ = _trees(0)
   tx = contrib.apollo(0.01, rank=4, update_gap=2)
-  params = _run(tx, stacked, [_trees(s)[0] for s in (1, 2)])
+  params, _ = apply_steps(tx, stacked, [_trees(s)[0] for s in (1, 2)])
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
   state = tx.init(stacked)
   low_rank = state.inner_states['low_rank'].inner_state

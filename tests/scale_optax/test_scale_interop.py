@@ -9,21 +9,13 @@ import pytest
 
 import scale_optax
 import scale_test_util as tu
+from optimizer_steps import apply_steps
 
 SHAPES = tu.llama_shapes(vocab=16, d=8, d_ff=12, n_layers=1)
 
 
 def _grads(seed, scale=1.0):
   return jax.tree.map(lambda x: x * scale, tu.make_params(SHAPES, seed=seed))
-
-
-def _run(tx, params, grads_seq, state=None):
-  state = tx.init(params) if state is None else state
-  update = jax.jit(tx.update)
-  for g in grads_seq:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-  return params, state
 
 
 def test_chained_after_clip_by_global_norm():
@@ -33,13 +25,14 @@ def test_chained_after_clip_by_global_norm():
   assert min(norms) > 1.0   # The clip is active.
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    scale_optax.scale(0.05, weight_decay=0.1))
-  got, _ = _run(tx, params, grads)
+  got, _ = apply_steps(tx, params, grads)
   clipped = [jax.tree.map(lambda x, n=n: x / n, g) for g, n in zip(grads, norms)]
-  want, _ = _run(scale_optax.scale(0.05, weight_decay=0.1), params, clipped)
+  want, _ = apply_steps(scale_optax.scale(0.05, weight_decay=0.1), params,
+                        clipped)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
   # The clip matters: unclipped grads change the head's EMA mixture.
-  unclipped, _ = _run(scale_optax.scale(0.05, weight_decay=0.1), params,
-                      [grads[0], _grads(2, 0.1), grads[2]])
+  unclipped, _ = apply_steps(scale_optax.scale(0.05, weight_decay=0.1),
+                             params, [grads[0], _grads(2, 0.1), grads[2]])
   assert not np.allclose(unclipped['lm_head']['kernel'],
                          got['lm_head']['kernel'], atol=1e-4)
 
@@ -53,8 +46,8 @@ def test_inject_hyperparams():
   assert float(state.hyperparams['learning_rate']) == pytest.approx(0.1)
 
   plain = scale_optax.scale(0.1, weight_decay=0.01)
-  got, state = _run(tx, params, grads[:2], state)
-  want, plain_state = _run(plain, params, grads[:2])
+  got, state = apply_steps(tx, params, grads[:2], state)
+  want, plain_state = apply_steps(plain, params, grads[:2])
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
   # (1 - b2) is rounded differently for an injected float32 b2: rtol 1e-4.
   chex.assert_trees_all_close(state.inner_state, plain_state, rtol=1e-4)
@@ -62,13 +55,13 @@ def test_inject_hyperparams():
   # Change the learning rate in the state: same as plain scale at 0.05 from
   # the same optimizer state.
   state.hyperparams['learning_rate'] = jnp.asarray(0.05)
-  got2, state = _run(tx, got, grads[2:], state)
-  want2, _ = _run(scale_optax.scale(0.05, weight_decay=0.01), want,
-                  grads[2:], plain_state)
+  got2, state = apply_steps(tx, got, grads[2:], state)
+  want2, _ = apply_steps(scale_optax.scale(0.05, weight_decay=0.01), want,
+                         grads[2:], plain_state)
   chex.assert_trees_all_close(got2, want2, rtol=1e-5, atol=1e-5)
   assert float(state.hyperparams['learning_rate']) == pytest.approx(0.05)
   # And it is not what lr 0.1 would have given.
-  want_01, _ = _run(plain, want, grads[2:], plain_state)
+  want_01, _ = apply_steps(plain, want, grads[2:], plain_state)
   assert not np.allclose(got2['layers']['0']['attn']['q_proj']['kernel'],
                          want_01['layers']['0']['attn']['q_proj']['kernel'])
 
@@ -78,8 +71,8 @@ def test_inject_hyperparams_with_schedule():
   sched = optax.linear_schedule(0.1, 0.0, 4)
   tx = optax.inject_hyperparams(scale_optax.scale)(learning_rate=sched)
   grads = [_grads(s) for s in (1, 2, 3)]
-  got, state = _run(tx, params, grads)
-  want, _ = _run(scale_optax.scale(sched), params, grads)
+  got, state = apply_steps(tx, params, grads)
+  want, _ = apply_steps(scale_optax.scale(sched), params, grads)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
   assert float(state.hyperparams['learning_rate']) == pytest.approx(
       float(sched(2)))
@@ -102,7 +95,7 @@ def test_multi_steps_equals_one_step_on_mean_gradient(k):
       if i < k - 1:
         chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, u))
       p = optax.apply_updates(p, u)
-  want, _ = _run(inner(), params, means)
+  want, _ = apply_steps(inner(), params, means)
   chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
 
 
@@ -128,7 +121,8 @@ def test_apply_if_finite_skips_nan_step():
 
   u, state3 = update(g3, state2, params2)
   params3 = optax.apply_updates(params2, u)
-  want, _ = _run(scale_optax.scale(0.05, weight_decay=0.1), params, [g1, g3])
+  want, _ = apply_steps(scale_optax.scale(0.05, weight_decay=0.1), params,
+                        [g1, g3])
   chex.assert_trees_all_close(params3, want, rtol=1e-6, atol=1e-6)
   chex.assert_tree_all_finite(params3)
 

@@ -13,6 +13,7 @@ import pytest
 
 from scale_optax import contrib
 from train.optim import per_layer
+from optimizer_steps import apply_steps
 
 LAYERS = 3
 STEPS = 3  # update_gap=2: refreshes on steps 1 and 3.
@@ -34,14 +35,6 @@ def _params_and_grads(seed=0):
   return layer(), [layer() for _ in range(STEPS)]
 
 
-def _run(tx, params, grads):
-  state, update = tx.init(params), jax.jit(tx.update)
-  for g in grads:
-    u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
-  return params, state
-
-
 def _layer(tree, i):
   return jax.tree.map(lambda x: x[i], tree)
 
@@ -49,17 +42,17 @@ def _layer(tree, i):
 @pytest.mark.parametrize('name', ROWS)
 def test_each_layer_updates_as_it_would_alone(name):
   params, grads = _params_and_grads()
-  stacked, _ = _run(per_layer(ROWS[name]()), params, grads)
+  stacked, _ = apply_steps(per_layer(ROWS[name]()), params, grads)
   for i in range(LAYERS):
-    alone, _ = _run(ROWS[name](), _layer(params, i),
-                    [_layer(g, i) for g in grads])
+    alone, _ = apply_steps(ROWS[name](), _layer(params, i),
+                           [_layer(g, i) for g in grads])
     chex.assert_trees_all_close(_layer(stacked, i), alone, rtol=1e-5,
                                 atol=1e-6)
 
 
 def test_step_counters_are_shared_and_the_rest_is_per_layer():
   params, grads = _params_and_grads()
-  _, state = _run(per_layer(ROWS['apollo']()), params, grads)
+  _, state = apply_steps(per_layer(ROWS['apollo']()), params, grads)
   ints = [x for x in jax.tree.leaves(state)
           if jnp.issubdtype(x.dtype, jnp.integer)]
   floats = [x for x in jax.tree.leaves(state)
