@@ -558,6 +558,25 @@ def test_spearman_and_lr_sensitivity_by_hand():
                                     'scale'}
 
 
+def test_the_page_sets_stable_spams_reset_period_against_the_run(
+    data_dir, tmp_path):
+  """Stable-SPAM's clip acts until its first reset: the page says over what
+  share of a long run, from the study's own reset period and length."""
+  values = study_values(
+      data_dir, tmp_path, optimizers={'stable_spam': [1e-3], 'scale': [1e-3]},
+      sweep={'steps': 4}, long={'steps': 8, 'eval_every': 4, 'neighbours': 1})
+  values['base']['rivals'] = {'stable_spam': {'reset_interval': 2}}
+  note = study_page.stable_spam_note(study_lib.parse_study(values))
+  assert 'period (2 steps;' in note
+  assert 'a run here resets 4 times' in note
+  assert 'the first 25% of a run here, 0% of theirs' in note
+  values['base']['rivals'] = {'stable_spam': {'reset_interval': 10}}
+  note = study_page.stable_spam_note(study_lib.parse_study(values))
+  assert note.endswith('so a 8-step run here never resets.')
+  del values['optimizers']['stable_spam']
+  assert study_page.stable_spam_note(study_lib.parse_study(values)) == ''
+
+
 def test_the_sensitivity_verdict_waits_for_both_rows(data_dir, tmp_path):
   study = study_lib.parse_study(study_values(
       data_dir, tmp_path, optimizers={'scale': RATES, 'stable_spam': RATES},

@@ -9,7 +9,7 @@ import statistics
 from typing import Any, Optional, Sequence
 
 from . import paper
-from .config import Study
+from .config import Study, spec
 from .plots import label
 
 _Row = dict[str, Any]
@@ -266,6 +266,29 @@ def rate_note(study: Study) -> str:
           'of the swept grid (a rate beyond it was never tried).')
 
 
+def stable_spam_note(study: Study) -> str:
+  """Stable-SPAM's fixed reset period against this study's run length ('' if
+  the study has no Stable-SPAM)."""
+  rates = study.optimizers.get('stable_spam')
+  if not rates:
+    return ''
+  config = spec(study, study.final_phase, 'stable_spam', rates[0],
+                study.seeds[0]).config
+  steps, period = config.train.steps, config.rivals.stable_spam.reset_interval
+  theirs = paper.STABLE_SPAM_STEPS
+  said = (f' Stable-SPAM keeps its released momentum-reset period '
+          f'({period:,} steps; the authors\' 130M script: {theirs:,} steps, '
+          f'{theirs // period} resets)')
+  if steps < period:
+    return said + f', so a {steps:,}-step run here never resets.'
+  return (
+      f'{said}, so a run here resets {steps // period} times; in the '
+      'authors\' code the clip threshold\'s bias correction restarts at each '
+      'reset, which leaves the clip practically off after the first one: it '
+      f'acts over the first {period / steps:.0%} of a run here, '
+      f'{period / theirs:.0%} of theirs.')
+
+
 def results_page(study: Study, results: list[_Row], info: dict[str, Any],
                  vrows: list[_Row], estimate: Optional[dict[str, Any]]
                  ) -> str:
@@ -338,7 +361,8 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       f'{info["batch_size"] * info["seq_len"]:,} tokens, not 131K; rates '
       'are chosen on a half-decade grid from short runs; the rivals\' ranks '
       'and gaps are scaled from their 60M scripts; and optimizers that are '
-      'not finalists have one seed (the finalists\' seeds show the spread).',
+      'not finalists have one seed (the finalists\' seeds show the spread).'
+      + stable_spam_note(study),
       '', '## Cost', '', *cost_lines(estimate), '',
   ]
   return '\n'.join(lines)
