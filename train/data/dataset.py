@@ -178,8 +178,8 @@ def prepare(config, vocab_size: int) -> Dataset:
       model is trained with this many pieces, a user's model must not have
       more.
 
-  ``config.name == 'embedded'``: builds the embedded data set under
-  ``config.data_dir`` once (array_record), and trains a BPE model on its
+  ``config.name`` ``'embedded'`` or ``'python_source'``: builds that data set
+  under ``config.data_dir`` once (array_record), and trains a BPE model on its
   training split once (cached in ``<data_dir>/tokenizers/``) unless
   ``config.tokenizer`` names a model file. Any other name is a TFDS data set
   (``'c4/en'``, ``'c4/en:3.1.0'``) already prepared in array_record format

@@ -6,7 +6,9 @@ from ..errors import RunError
 
 
 class UnknownDatasetError(RunError, ValueError):
-  """``data.name`` is neither ``embedded`` nor a TFDS data set name."""
+  """``data.name`` is none of the local data sets (``embedded``,
+  ``python_source``) nor a TFDS data set, or is a TFDS set without
+  ``data.tokenizer``."""
 
 
 class DatasetNotPreparedError(RunError, FileNotFoundError):
