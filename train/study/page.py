@@ -325,7 +325,10 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       f'parameter**; warmup {info["warmup_steps"]} steps, cosine to '
       f'{info["min_lr_ratio"]:g} of the peak, clipping '
       f'{info["grad_clip"] or "none"}, '
-      f'weight decay {info["weight_decay"]:g}, {info["dtype"]}. Seeds '
+      f'weight decay {info["weight_decay"]:g}, {info["dtype"]}. Eval: the '
+      f'first {info["eval_tokens"]:,} tokens of the `{info["eval_split"]}` '
+      'split in its stored order, the same for every run (not a sample '
+      'across the split). Seeds '
       f'{info["seeds"]}, finalists add {info["finalist_seeds"]}.', '',
       '## The paper\'s table at this scale', '',
       *paper_table(best, list(whole)), '',

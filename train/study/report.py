@@ -76,7 +76,7 @@ def setting(study: Study) -> dict[str, Any]:
       'min_lr_ratio': o.min_lr_ratio, 'grad_clip': o.grad_clip,
       'weight_decay': o.weight_decay, 'momentum': o.momentum,
       'eval_every': t.eval_every,
-      'eval_tokens': t.eval_tokens,
+      'eval_tokens': t.eval_tokens, 'eval_split': d.eval_split,
       'data': d.name, 'dtype': m.param_dtype,
       'seeds': list(study.seeds), 'finalist_seeds': list(study.finalist_seeds),
   }
@@ -101,7 +101,8 @@ def markdown_table(study: Study, results: list[dict[str, Any]],
       f'over {s["warmup_steps"]} steps, cosine decay to {s["min_lr_ratio"]:g} '
       f'of the peak; gradient clipping {s["grad_clip"]}; weight decay '
       f'{s["weight_decay"]:g}; eval on the same {s["eval_tokens"]:,} held-out '
-      f'tokens for every run. Sweep seeds {s["seeds"]}; finalists add seeds '
+      f'tokens for every run (the first of the `{s["eval_split"]}` split, in '
+      f'its stored order). Sweep seeds {s["seeds"]}; finalists add seeds '
       f'{s["finalist_seeds"]} at their best learning rate.',
       '',
   ]
