@@ -16,6 +16,7 @@ from train import study as study_lib
 from train.config import load_config, to_dict
 from train.loop import train
 from train.study import config as study_config
+from train.study import estimate as study_estimate
 from train.study import page as study_page
 from train.study import paper as study_paper
 from train.study import results as study_results
@@ -577,6 +578,38 @@ def test_the_page_sets_stable_spams_reset_period_against_the_run(
   assert note.endswith('so a 8-step run here never resets.')
   del values['optimizers']['stable_spam']
   assert study_page.stable_spam_note(study_lib.parse_study(values)) == ''
+
+
+def test_what_is_left_counts_unplanned_long_runs_and_finalists(data_dir,
+                                                               tmp_path):
+  grid = [1e-3, 3e-3, 1e-2]
+  study = study_lib.parse_study(study_values(
+      data_dir, tmp_path, optimizers={'scale': grid, 'adamw': grid},
+      sweep={'steps': 4}, long={'steps': 8, 'eval_every': 4, 'neighbours': 1},
+      finalists={'always': ['scale'], 'top': 0, 'seeds': [1]}))
+  estimate = {
+      'optimizers': {'scale': {'sweep_run_cpu_s': 10, 'long_run_cpu_s': 100},
+                     'adamw': {'sweep_run_cpu_s': 20, 'long_run_cpu_s': 200}},
+      'finalist_runs': 1, 'finalist_run_cpu_s': 150}
+
+  def left():
+    rows = [study_results.run_row(s)
+            for s in study_results.all_specs(study)]
+    return study_estimate.remaining(study, rows, estimate)
+
+  # Nothing run: 6 sweep runs, 3 + 3 long runs (plan), 1 finalist run.
+  assert left() == (13, 3 * 10 + 3 * 20 + 3 * 100 + 3 * 200 + 150)
+  for s in study_config.sweep_specs(study):
+    if s.optimizer == 'scale':
+      fake_run(s, 4.0 if s.learning_rate == 3e-3 else 5.0)
+  # scale's long runs are planned now (missing), adamw's still from the plan.
+  assert left() == (10, 3 * 20 + 3 * 100 + 3 * 200 + 150)
+  for s in study_results.all_specs(study):
+    if s.phase == 'long':
+      fake_run(s, 3.5)
+  assert left() == (7, 3 * 20 + 3 * 200 + 150)
+  del estimate['optimizers']['adamw']
+  assert left() is None
 
 
 def test_the_sensitivity_verdict_waits_for_both_rows(data_dir, tmp_path):

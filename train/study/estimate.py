@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..config import Config
 from .config import LONG, SWEEP, Study, run_config
@@ -103,6 +103,34 @@ def plan(study: Study) -> dict[str, dict[str, int]]:
     if study.long_train is not None:
       out[name][LONG] = min(len(rates), 2 * study.long_neighbours + 1) * seeds
   return out
+
+
+def remaining(study: Study, rows: list[dict[str, Any]],
+              estimate: dict[str, Any]) -> Optional[tuple[int, float]]:
+  """``(runs, CPU seconds)`` left at ``estimate``'s rates.
+
+  ``rows`` are the rows of every run planned so far (``all_specs``); the
+  unfinished ones count in full (a run resumed half-way counts whole), plus
+  :func:`plan`'s long runs of each optimizer whose long runs are not planned
+  yet and the finalists' runs until they are. Walk steps not yet queued are
+  not counted. None when ``estimate`` lacks one of the study's optimizers.
+  """
+  per_opt = estimate['optimizers']
+  if any(name not in per_opt for name in study.optimizers):
+    return None
+  left = [r for r in rows if r['status'] == 'missing']
+  runs = len(left)
+  cpu = sum(per_opt[r['optimizer']][f'{r["phase"]}_run_cpu_s'] for r in left)
+  if study.long_train is not None:
+    planned = {r['optimizer'] for r in rows if r['phase'] == LONG}
+    for name, count in plan(study).items():
+      if name not in planned:
+        runs += count[LONG]
+        cpu += count[LONG] * per_opt[name]['long_run_cpu_s']
+  if not any(r['seed'] not in study.seeds for r in rows):
+    runs += estimate['finalist_runs']
+    cpu += estimate['finalist_runs'] * estimate['finalist_run_cpu_s']
+  return runs, cpu
 
 
 def estimate_study(study: Study, steps: int = 20,

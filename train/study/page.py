@@ -227,8 +227,10 @@ def progress_lines(results: list[_Row], study: Study,
   return []
 
 
-def cost_lines(estimate: Optional[dict[str, Any]]) -> list[str]:
-  """The measured cost (``--estimate``), if it was run."""
+def cost_lines(estimate: Optional[dict[str, Any]],
+               left: Optional[tuple[int, float]] = None) -> list[str]:
+  """The measured cost (``--estimate``), if it was run, and what is ``left``
+  (:func:`estimate.remaining`) while runs are."""
   if not estimate:
     return ['Not measured yet: `python -m train.study --estimate`.']
   lines = [
@@ -248,6 +250,11 @@ def cost_lines(estimate: Optional[dict[str, Any]]) -> list[str]:
   n = estimate['finalist_runs']
   lines.append(f'| finalists | | | | {n} long | '
                f'{n * estimate["finalist_run_cpu_s"] / 3600:.2f} |')
+  if left and left[0]:
+    lines += ['', f'Left at this report: {left[0]} runs, about '
+              f'{left[1] / 3600:.1f} CPU hours at those rates (a run stopped '
+              'part way counts whole; walk steps not yet queued are not '
+              'counted).']
   return lines
 
 
@@ -290,8 +297,8 @@ def stable_spam_note(study: Study) -> str:
 
 
 def results_page(study: Study, results: list[_Row], info: dict[str, Any],
-                 vrows: list[_Row], estimate: Optional[dict[str, Any]]
-                 ) -> str:
+                 vrows: list[_Row], estimate: Optional[dict[str, Any]],
+                 left: Optional[tuple[int, float]] = None) -> str:
   """The whole page."""
   best = best_rows(results, study)
   whole = whole_rows(results, study)
@@ -366,6 +373,6 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       'and gaps are scaled from their 60M scripts; and optimizers that are '
       'not finalists have one seed (the finalists\' seeds show the spread).'
       + stable_spam_note(study),
-      '', '## Cost', '', *cost_lines(estimate), '',
+      '', '## Cost', '', *cost_lines(estimate, left), '',
   ]
   return '\n'.join(lines)

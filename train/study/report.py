@@ -9,6 +9,7 @@ import statistics
 from typing import Any, Optional, Sequence
 
 from .config import SWEEP, Study, run_config
+from .estimate import remaining
 from .page import results_page
 from .plots import best_runs, plot_all
 from .results import aggregate, all_specs, collect_run
@@ -257,9 +258,10 @@ def write_report(study: Study, rows: Optional[list[dict[str, Any]]] = None,
     table += '\n' + variance_markdown(vrows)
   paths['table_md'].write_text(table)
   paths['results_md'] = docs / 'results.md'
+  estimate = read_json(study.output_dir / 'estimate.json')
   paths['results_md'].write_text(results_page(
-      study, results, info, vrows,
-      read_json(study.output_dir / 'estimate.json')))
+      study, results, info, vrows, estimate,
+      remaining(study, rows, estimate) if estimate else None))
   paths['setting_json'].write_text(json.dumps(info, indent=2) + '\n')
   paths.update(plot_all(study, rows, results, info, docs))
   say(f'report: {", ".join(str(p) for p in paths.values())}')
