@@ -741,23 +741,36 @@ def test_a_failed_sweep_run_holds_back_its_optimizer_and_the_finalists(
   assert not runner.stopped
 
 
-def test_the_stop_event_reaches_a_worker_as_sigterm():
-  import signal
-  import threading
-  saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-  event = threading.Event()
+def _stop_during_set_up(event, queue):
+  """In a spawned worker: the stop comes while a run is being set up (before
+  the trainer installs its handler); reports what each handler caught."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  study_runner._worker_init(event)  # pylint: disable=protected-access
+  event.set()
+  time.sleep(0.3)  # The set-up: the first SIGTERM lands in the worker's handler.
+  trainer_caught = []
+  signal.signal(signal.SIGTERM, lambda signum, frame: trainer_caught.append(
+      signal.Signals(signum).name))
+  deadline = time.time() + 10
+  while not trainer_caught and time.time() < deadline:
+    time.sleep(0.05)
+  queue.put((list(study_runner._STOP_REQUESTED), trainer_caught[:1]))  # pylint: disable=protected-access
+
+
+def test_the_stop_event_reaches_a_worker_even_while_a_run_is_set_up():
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  ctx = multiprocessing.get_context('spawn')
+  event, queue = ctx.Event(), ctx.Queue()
+  worker = ctx.Process(target=_stop_during_set_up, args=(event, queue))
+  worker.start()
   try:
-    study_runner._worker_init(event)  # pylint: disable=protected-access
-    event.set()
-    for _ in range(200):
-      if study_runner._STOP_REQUESTED:  # pylint: disable=protected-access
-        break
-      threading.Event().wait(0.01)
-    assert study_runner._STOP_REQUESTED == ['SIGTERM']  # pylint: disable=protected-access
+    requested, trainer_caught = queue.get(timeout=120)
   finally:
-    study_runner._STOP_REQUESTED.clear()  # pylint: disable=protected-access
-    for s, handler in saved.items():
-      signal.signal(s, handler)
+    worker.kill()
+    worker.join()
+  assert requested[0] == 'SIGTERM'  # Between runs: the worker's flag.
+  assert trainer_caught == ['SIGTERM']  # And again for the trainer's handler.
 
 
 @pytest.mark.parametrize('name', ['study', 'study_quick'])

@@ -92,7 +92,10 @@ def _worker_init(stop_event: Any) -> None:
 
   ``stop_event`` set by the parent sends this process SIGTERM (a thread
   waits on it; Python runs the handler in the main thread), so the parent
-  stops its workers without knowing their process ids.
+  stops its workers without knowing their process ids; then again every
+  second, because a run still being set up has not installed the trainer's
+  handler yet: a single signal would be caught here and the run would train
+  to its end.
   """
   def request_stop(signum, frame):
     del frame
@@ -102,7 +105,9 @@ def _worker_init(stop_event: Any) -> None:
 
   def relay():
     stop_event.wait()
-    os.kill(os.getpid(), signal.SIGTERM)
+    while True:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(1.0)
   threading.Thread(target=relay, daemon=True).start()
 
 
