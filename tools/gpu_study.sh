@@ -14,7 +14,7 @@
 # writes its report and leaves in $OUT: study.log, and study.tgz (the report
 # and every run's summary, config and metrics; no checkpoints). A study cut
 # short by STUDY_SECONDS reports the runs that finished (the next machine is
-# bare: the rest does not resume there).
+# bare: the rest does not resume there) and exits 3.
 # `run CONFIG` runs another study the same way (configs/study_quick.yaml is
 # the smoke test of this script on a CPU).
 set -euo pipefail
@@ -24,6 +24,7 @@ config=${2:-configs/study_gpu.yaml}
 
 case "$mode" in
   prepare)
+    rm -rf .whl
     mkdir -p .whl
     grep -v '^#' tools/gpu_wheels.txt | while read -r req; do
       [ -n "$req" ] || continue
@@ -47,21 +48,31 @@ prepare_data(load_study(sys.argv[1]), print)" "$config"
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     python3 -c 'import jax; print("devices:", jax.devices())' |
         tee "$OUT/study.log"
+    dirs=$(python3 -c "
+import sys
+from train.study.config import load_study
+study = load_study(sys.argv[1])
+inside = study.docs_dir.resolve().is_relative_to(study.output_dir.resolve())
+print(study.output_dir, '' if inside else study.docs_dir)" "$config")
+    pack() {  # Whatever else fails, the runs come back.
+      tar czf "$OUT/study.tgz" --exclude='checkpoints*' --exclude=tensorboard \
+          --ignore-failed-read $dirs
+    }
     set +e
     XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.3} \
       timeout --signal=TERM --kill-after=40 "${STUDY_SECONDS:-470}" \
       python3 -m train.study --config "$config" --jobs "${JOBS:-3}" 2>&1 |
         tee -a "$OUT/study.log"
     status=${PIPESTATUS[0]}
-    set -e
+    pack
     python3 -m train.study --config "$config" --report-only 2>&1 |
         tee -a "$OUT/study.log"
-    out_dir=$(python3 -c "
-import sys
-from train.study.config import load_study
-print(load_study(sys.argv[1]).output_dir)" "$config")
-    tar czf "$OUT/study.tgz" --exclude='checkpoints*' \
-        --exclude=tensorboard "$out_dir"
+    pack
+    if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+      echo "cut short at STUDY_SECONDS=${STUDY_SECONDS:-470}" |
+          tee -a "$OUT/study.log"
+      exit 3  # Not 124/137: the device tool reads those as its own limit.
+    fi
     exit "$status"
     ;;
   *)

@@ -221,7 +221,8 @@ def plot_lr_sensitivity(rows, results, path: pathlib.Path,
     ax.set_xlabel('peak learning rate (log scale)')
     ax.set_ylabel('final eval perplexity (log scale)')
     ax.grid(alpha=0.3, which='both')
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # Nothing finished: no legend.
+      ax.legend(fontsize=8)
   axes[0].set_title('Learning-rate sensitivity: SCALE, AdamW, Stable-SPAM\n'
                     '(line: mean over seeds; dots: single runs; x: '
                     'diverged)', fontsize=9)
