@@ -551,11 +551,27 @@ def test_the_page_says_which_optimizers_are_unfinished(data_dir, tmp_path,
   assert '**In progress' not in page()
 
 
-def test_spearman_and_lr_sensitivity_by_hand():
-  assert study_page.spearman([1, 2, 3], [10, 20, 30]) == 1.0
-  assert study_page.spearman([1, 2, 3], [3, 2, 1]) == -1.0
-  np.testing.assert_allclose(study_page.spearman([1, 2, 3, 4], [1, 3, 2, 4]),
-                             0.8)
+def test_lr_sensitivity_by_hand(data_dir, tmp_path):
+  study = study_lib.parse_study(study_values(
+      data_dir, tmp_path, optimizers={'scale': [1e-3, 3e-3, 1e-2, 3e-2]},
+      sweep={'steps': 4}, long={'steps': 8, 'eval_every': 4, 'neighbours': 1}))
+
+  def row(lr, ppl, best=False, diverged=0, missing=0):
+    return {'optimizer': 'scale', 'phase': 'long', 'learning_rate': lr,
+            'eval_ppl_mean': ppl, 'best_lr': best, 'n_diverged': diverged,
+            'n_missing': missing}
+
+  results = [row(1e-3, 120.0), row(3e-3, 100.0, best=True), row(1e-2, 110.0),
+             row(3e-2, 500.0)]  # 3e-2: two grid steps away, left out.
+  assert study_page.lr_sensitivity(results, study, 'scale') == 1.15
+  results[2] = row(1e-2, None, diverged=1)  # A neighbour diverged.
+  assert study_page.lr_sensitivity(results, study, 'scale') == math.inf
+  results[2] = row(1e-2, None, missing=1)  # Still running: left out.
+  assert study_page.lr_sensitivity(results, study, 'scale') == 1.2
+  assert study_page.lr_sensitivity(results[2:], study, 'scale') is None
+
+
+def test_the_paper_table_names_the_study_optimizers():
   assert set(study_paper.TABLE) == {'adamw', 'stable_spam', 'muon', 'galore',
                                     'fira', 'swan', 'apollo', 'apollo_mini',
                                     'scale'}

@@ -57,7 +57,6 @@ class Study:
   prune_checkpoints: bool = True
   priority: tuple[str, ...] = ()
   title: str = 'study'
-  source: Optional[str] = None
 
   @property
   def phases(self) -> tuple[str, ...]:
@@ -241,7 +240,7 @@ def parse_study(values: Any, source: Optional[str] = None) -> Study:
                 finalists_top=top, finalist_seeds=fseeds,
                 diagnostics_optimizers=diag_opts, diagnostics_every=every,
                 diagnostics_microbatches=micro, prune_checkpoints=prune,
-                priority=priority, title=title, source=source)
+                priority=priority, title=title)
   # The trainer's own validation, once per optimizer and phase (names
   # `base.<key>`).
   for name, rates in optimizers.items():

@@ -42,11 +42,11 @@ def _rate(row: _Row) -> str:
                                          else '')
 
 
-def paper_table(best: dict[str, _Row], whole: Sequence[str],
-                size: str = '60M') -> list[str]:
+def paper_table(best: dict[str, _Row], whole: Sequence[str]) -> list[str]:
   """The paper's table: this study's perplexity and memory next to the
-  paper's ``size`` column; memory also as a fraction of AdamW's. Rows of
+  paper's 60M column; memory also as a fraction of AdamW's. Rows of
   optimizers not in ``whole`` are marked unfinished."""
+  size = '60M'  # The paper's smallest model: the column to sit beside.
   adam = best.get('adamw')
   p_adam = paper.TABLE['adamw'][size][1]
   lines = [
@@ -81,47 +81,36 @@ def ablation_table(best: dict[str, _Row], whole: Sequence[str]) -> list[str]:
   return lines
 
 
-def spearman(xs: list[float], ys: list[float]) -> float:
-  """Spearman's rank correlation (average ranks for ties)."""
-  def ranks(v):
-    order = sorted(range(len(v)), key=lambda i: v[i])
-    out = [0.0] * len(v)
-    i = 0
-    while i < len(order):
-      j = i
-      while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-        j += 1
-      for k in range(i, j + 1):
-        out[order[k]] = (i + j) / 2
-      i = j + 1
-    return out
-  rx, ry = ranks(xs), ranks(ys)
-  mx, my = statistics.fmean(rx), statistics.fmean(ry)
-  cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-  var = math.sqrt(sum((a - mx) ** 2 for a in rx) *
-                  sum((b - my) ** 2 for b in ry))
-  return cov / var if var else float('nan')
-
-
 def lr_sensitivity(results: list[_Row], study: Study, name: str
                    ) -> Optional[float]:
   """Mean perplexity of the best rate's grid neighbours (one step on each
-  side, those with finished final-phase runs) over the best rate's (1 =
-  insensitive); None without a best rate and a finished neighbour. Rates
-  further away (a walk's) are left out, so every optimizer is measured over
-  the same span of its grid."""
-  rows = {r['learning_rate']: r for r in results if r['optimizer'] == name
-          and r['phase'] == study.final_phase and r['eval_ppl_mean']}
-  best = [lr for lr, r in rows.items() if r['best_lr']]
+  side, those whose final-phase runs ended) over the best rate's (1 =
+  insensitive; ``inf`` when a neighbour diverged at every seed); None without
+  a best rate and an ended neighbour. Rates further away (a walk's) are left
+  out, so every optimizer is measured over the same span of its grid."""
+  ppl = {}
+  for r in results:
+    if r['optimizer'] != name or r['phase'] != study.final_phase:
+      continue
+    if r['eval_ppl_mean']:
+      ppl[r['learning_rate']] = r['eval_ppl_mean']
+    elif r['n_diverged'] and not r['n_missing']:
+      ppl[r['learning_rate']] = math.inf
+  best = [r['learning_rate'] for r in results if r['optimizer'] == name
+          and r['phase'] == study.final_phase and r['best_lr']]
   if not best:
     return None
   grid = sorted(study.optimizers[name])
   i = grid.index(best[0])
-  others = [rows[lr]['eval_ppl_mean'] for lr in grid[max(0, i - 1):i + 2]
-            if lr != best[0] and lr in rows]
+  others = [ppl[lr] for lr in grid[max(0, i - 1):i + 2]
+            if lr != best[0] and lr in ppl]
   if not others:
     return None
-  return statistics.fmean(others) / rows[best[0]]['eval_ppl_mean']
+  return statistics.fmean(others) / ppl[best[0]]
+
+
+def _ratio(x: float) -> str:
+  return 'inf (a neighbour diverged)' if math.isinf(x) else f'{x:.3f}'
 
 
 def _verdict(here: Optional[bool], paper_says: bool) -> str:
@@ -180,7 +169,8 @@ def claims(best: dict[str, _Row], results: list[_Row], study: Study,
   out.append(('SCALE is less sensitive to the learning rate than '
               'Stable-SPAM (Figure 5)', 'yes (130M)',
               '—' if s_scale is None or s_spam is None else
-              f'neighbour/best perplexity {s_scale:.3f} vs {s_spam:.3f}',
+              f'neighbour/best perplexity {_ratio(s_scale)} vs '
+              f'{_ratio(s_spam)}',
               _verdict(None if s_scale is None or s_spam is None
                        else s_scale < s_spam, True)))
   return out

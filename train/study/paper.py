@@ -4,8 +4,6 @@
 GB at 2 bytes a value)``, optimizers named as in ``optimizer.name``.
 """
 
-SIZES = ('60M', '130M', '350M', '1B')
-TOKENS = {'60M': 1.4e9, '130M': 2.6e9, '350M': 7.8e9, '1B': 13.1e9}
 TABLE = {
     'adamw': {'60M': (30.05, 0.35), '130M': (23.13, 0.81),
               '350M': (18.77, 2.21), '1B': (16.52, 8.04)},

@@ -177,24 +177,24 @@ def plot_memory(results, info, path: pathlib.Path) -> pathlib.Path:
   return _save(fig, path)
 
 
-def plot_lr_sensitivity(rows, results, path: pathlib.Path,
-                        sweep_results=None,
-                        focus=('scale', 'adamw', 'stable_spam')
-                        ) -> pathlib.Path:
+_FIGURE_5 = ('scale', 'adamw', 'stable_spam')
+
+
+def plot_lr_sensitivity(rows, final_results, sweep_results,
+                        path: pathlib.Path) -> pathlib.Path:
   """Final eval perplexity against the learning rate (the paper's Figure 5):
-  SCALE, AdamW and Stable-SPAM on the left (``results``: the final phase),
-  every optimizer's sweep on the right (``sweep_results``, default
-  ``results``). Crosses at the top mark diverged runs."""
+  SCALE, AdamW and Stable-SPAM on the left (``final_results``: the final
+  phase), every optimizer's sweep on the right. Crosses at the top mark
+  diverged runs."""
   plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-  sweep_results = results if sweep_results is None else sweep_results
   names = list(dict.fromkeys(r['optimizer'] for r in sweep_results))
-  finite = [r['eval_ppl_mean'] for r in results + sweep_results
+  finite = [r['eval_ppl_mean'] for r in final_results + sweep_results
             if r['eval_ppl_mean']]
   ceiling = max(finite) * 1.5 if finite else 1.0
-  for ax, subset in ((axes[0], [n for n in names if n in focus]),
+  for ax, subset in ((axes[0], [n for n in names if n in _FIGURE_5]),
                      (axes[1], names)):
-    results = sweep_results if ax is axes[1] else results
+    results = sweep_results if ax is axes[1] else final_results
     for name in subset:
       pts = [(r['learning_rate'], r['eval_ppl_mean']) for r in results
              if r['optimizer'] == name and r['eval_ppl_mean'] is not None]
@@ -289,9 +289,8 @@ def plot_all(study: Study, rows, results, info, docs: pathlib.Path
       'loss_vs_tokens': plot_loss_curves(rows, final, info,
                                          docs / 'loss_vs_tokens.png'),
       'ppl_vs_memory': plot_memory(final, info, docs / 'ppl_vs_memory.png'),
-      'lr_sensitivity': plot_lr_sensitivity(rows, final,
-                                            docs / 'lr_sensitivity.png',
-                                            sweep_results=sweep),
+      'lr_sensitivity': plot_lr_sensitivity(rows, final, sweep,
+                                            docs / 'lr_sensitivity.png'),
   }
   results = final
   variance = plot_gradient_variance(study, rows, results,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import pathlib
 import statistics
-from typing import Any, Callable
+from typing import Any
 
 from ..metrics import read_records
 from .config import LONG, SWEEP, RunSpec, Study, spec, sweep_specs
@@ -137,8 +137,7 @@ def best_learning_rates(rows: list[dict[str, Any]], study: Study,
   return best
 
 
-def long_specs(study: Study, sweep_rows: list[dict[str, Any]],
-               row_of: Callable[[RunSpec], dict[str, Any]] = run_row
+def long_specs(study: Study, sweep_rows: list[dict[str, Any]]
                ) -> list[RunSpec]:
   """Phase 2: each optimizer's best sweep rate and its ``long.neighbours``
   neighbours on each side of the sweep grid, long, with the sweep seeds.
@@ -148,8 +147,8 @@ def long_specs(study: Study, sweep_rows: list[dict[str, Any]],
   grid rate on that side runs long too, so that the best long rate ends
   between two worse ones or at the grid's end (no walk from a single long
   rate: ``neighbours: 0`` with nothing to compare). The best sweep rates come
-  from ``sweep_rows``; the walk reads each long run's row with ``row_of``
-  (:func:`run_row`: its status and summary on disk) as it goes.
+  from ``sweep_rows``; the walk reads each long run's status and summary on
+  disk (:func:`run_row`) as it goes.
   """
   if study.long_train is None:
     return []
@@ -162,7 +161,7 @@ def long_specs(study: Study, sweep_rows: list[dict[str, Any]],
     i, n = grid.index(best[name]), study.long_neighbours
     lo, hi = max(0, i - n), min(len(grid) - 1, i + n)
     while hi > lo:
-      ran = [row_of(spec(study, LONG, name, lr, seed))
+      ran = [run_row(spec(study, LONG, name, lr, seed))
              for lr in grid[lo:hi + 1] for seed in study.seeds]
       if any(r['status'] == 'missing' for r in ran):
         break
