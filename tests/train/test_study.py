@@ -491,7 +491,7 @@ def test_finalists_and_table_equal_a_direct_computation(phased_report):
 
 def test_results_page_puts_the_paper_beside_the_runs(phased_report):
   page = phased_report[2]['results_md'].read_text()
-  assert '**Not a result' in page  # 8 steps x 256 tokens: a smoke run.
+  assert '**Not a pretraining result' in page  # 8 steps x 256 tokens.
   assert ('Eval: the first 512 tokens of the `validation` split in its '
           'stored order, the same for every run') in page
   scale_ppl = np.mean(np.exp([3.7, SEED1['scale']]))

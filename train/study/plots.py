@@ -161,7 +161,7 @@ def plot_memory(results, info, path: pathlib.Path) -> pathlib.Path:
                 xytext=(-7, 4) if left else (7, 4),
                 ha='right' if left else 'left', fontsize=8)
   ax.set_xscale('log')
-  ax.set_xlabel('weights + optimizer state (MB, float32; log scale)')
+  ax.set_xlabel(f'weights + optimizer state (MB, {info["dtype"]}; log scale)')
   ax.set_ylabel('final eval perplexity (best learning rate)')
   ax.set_title(f'Perplexity vs memory: {info["params"] / 1e6:.1f}M-param '
                f'LLaMA, {info["tokens"] / 1e3:,.0f}K tokens per run\n'
