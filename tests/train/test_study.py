@@ -228,7 +228,16 @@ BAD = {
         lambda v: {**v, 'long': {'steps': 8, 'neighbours': -1}},
         'long.neighbours'),
     'long with an unknown train key': (
-        lambda v: {**v, 'long': {'stepz': 8}}, 'base.train.stepz'),
+        lambda v: {**v, 'long': {'stepz': 8}}, 'long.stepz'),
+    'sweep with zero steps': (
+        lambda v: {**v, 'sweep': {'steps': 0}}, 'sweep.steps'),
+    'a bad override value': (
+        lambda v: {**v, 'overrides': {'scale': {'optimizer': {
+            'vector_learning_rate': -1.0}}}},
+        'overrides.scale.optimizer.vector_learning_rate'),
+    'a bad base value': (
+        lambda v: {**v, 'base': {**v['base'], 'model': {
+            **v['base']['model'], 'd_model': 30}}}, 'base.model.n_heads'),
 }
 
 

@@ -321,17 +321,30 @@ def run_config(study: Study, phase: str, optimizer: str, lr: float,
         diagnostics_every=study.diagnostics_every,
         diagnostics_microbatches=study.diagnostics_microbatches)
   try:
-    return build_config(values, 'base.')
+    return build_config(values)
   except ConfigError as e:
-    message = str(e)
-    for (section, key), owner in _STUDY_OWNED.items():
-      if message.startswith(f'{section}.{key}:'):  # A key the study sets.
-        message = owner + message[len(section) + len(key) + 1:]
-        break
-    else:
-      if not message.startswith('base.'):
-        message = f'base.{message}'
-    raise StudyConfigError(message) from None
+    key, colon, rest = str(e).partition(':')
+    if colon and '.' in key and ' ' not in key:
+      key = _study_key(study, phase, optimizer, key)
+    raise StudyConfigError(key + colon + rest) from None
+
+
+def _study_key(study: Study, phase: str, optimizer: str, key: str) -> str:
+  """Where in the study YAML the trainer key ``key`` (``train.steps``) of a
+  run was set: by the study itself (``seeds``...), the phase's section
+  (``long.steps``), the optimizer's ``overrides``, or ``base``."""
+  section, _, rest = key.partition('.')
+  if (section, rest) in _STUDY_OWNED:
+    return _STUDY_OWNED[section, rest]
+  phase_train = study.sweep_train if phase == SWEEP else study.long_train
+  if section == 'train' and rest.split('.')[0] in (phase_train or {}):
+    return f'{phase}.{rest}'
+  tree: Any = study.overrides.get(optimizer, {})
+  for part in key.split('.'):
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  if tree is not None:
+    return f'overrides.{optimizer}.{key}'
+  return f'base.{key}'
 
 
 def spec(study: Study, phase: str, optimizer: str, lr: float, seed: int
