@@ -560,6 +560,27 @@ def test_the_page_says_which_optimizers_are_unfinished(data_dir, tmp_path,
   assert '**In progress' not in page()
 
 
+def test_the_memory_verdict_waits_for_every_row_of_the_table(data_dir,
+                                                             tmp_path):
+  study = study_lib.parse_study(study_values(
+      data_dir, tmp_path, optimizers={'scale': [1e-3], 'adamw': [1e-3],
+                                      'muon': [1e-3]}))
+
+  def row(state_bytes):
+    return {'eval_ppl_mean': 100.0, 'param_bytes': 1000,
+            'opt_state_bytes': state_bytes}
+
+  def memory_claim(best):
+    return next(c for c in study_page.claims(best, [], study, {})
+                if c[0].startswith('SCALE needs the least'))
+
+  best = {'scale': row(100), 'adamw': row(2000)}
+  assert memory_claim(best)[2:] == ('least so far: SCALE (2 of 3 rows)',
+                                    'not run')
+  best['muon'] = row(50)  # Every row whole: Muon needs less here.
+  assert memory_claim(best)[2:] == ('least: Muon', '**disagrees**')
+
+
 def test_lr_sensitivity_by_hand(data_dir, tmp_path):
   study = study_lib.parse_study(study_values(
       data_dir, tmp_path, optimizers={'scale': [1e-3, 3e-3, 1e-2, 3e-2]},
