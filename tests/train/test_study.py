@@ -258,6 +258,16 @@ def test_cli_reports_a_bad_study_config(tmp_path, capsys):
   assert 'optimizers.scale[0]' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--jobs', '0'], '--jobs must be >= 1'),
+    (['--estimate', '0'], '--estimate must time >= 1 steps'),
+    (['--quick', '--config', 'x.yaml'], 'give either --quick or --config'),
+])
+def test_cli_refuses_bad_arguments(args, message, capsys):
+  assert study_lib.main(args) == 2
+  assert message in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------
 # Phases, aggregation and the report against hand computations (no training:
 # the runs' files are written here as the trainer writes them).

@@ -45,6 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     raise UsageError('give either --quick or --config')
   if args.jobs < 1:
     raise UsageError(f'--jobs must be >= 1, got {args.jobs}')
+  if args.estimate is not None and args.estimate < 1:
+    raise UsageError(f'--estimate must time >= 1 steps, got {args.estimate}')
   path = QUICK_CONFIG if args.quick else (args.config or DEFAULT_CONFIG)
   say = lambda *a: print(time.strftime('%H:%M:%S'), *a, flush=True)
   study = load_study(path)

@@ -116,8 +116,9 @@ def remaining(study: Study, rows: list[dict[str, Any]],
   not counted. None when ``estimate`` lacks one of the study's optimizers.
   """
   per_opt = estimate['optimizers']
-  if any(name not in per_opt for name in study.optimizers):
-    return None
+  if any(name not in per_opt or f'{phase}_run_cpu_s' not in per_opt[name]
+         for name in study.optimizers for phase in study.phases):
+    return None  # Measured for another study.
   left = [r for r in rows if r['status'] == 'missing']
   runs = len(left)
   cpu = sum(per_opt[r['optimizer']][f'{r["phase"]}_run_cpu_s'] for r in left)
@@ -139,8 +140,9 @@ def estimate_study(study: Study, steps: int = 20,
   ``{'optimizers': {name: {...}}, 'finalist_runs': n, 'wall_s': ...,
   'cpu_s': ..., ...}``."""
   runs = plan(study)
-  n_final = (len(study.finalists_always) + study.finalists_top) * len(
-      [s for s in study.finalist_seeds if s not in study.seeds])
+  n_final = min(len(study.finalists_always) + study.finalists_top,
+                len(study.optimizers)) * len(
+                    [s for s in study.finalist_seeds if s not in study.seeds])
   per_opt, finals, wall, cpu = {}, [], 0.0, 0.0
   load = os.getloadavg()[0]
   for name, rates in study.optimizers.items():

@@ -203,7 +203,13 @@ class Runner:
           busy = {spec.run_dir for spec, _ in running.values()}
           while len(running) < self.jobs and not self.stopped and (
               item := self._next(plan, busy)):
-            running[pool.submit(execute_run, *self._args(*item))] = item
+            try:
+              running[pool.submit(execute_run, *self._args(*item))] = item
+            except futures.BrokenExecutor as e:  # A worker died (OOM, kill).
+              self.say(f'the worker pool broke ({e}): stopping; the next '
+                       f'`python -m train.study` resumes')
+              self.stopped = True
+              break
             busy.add(item[0].run_dir)
           if not running:
             break
