@@ -170,13 +170,7 @@ def parse_study(values: Any, source: Optional[str] = None) -> Study:
     raise _err('title', f'expected a string, got {title!r}.')
 
   base = values['base']
-  if not isinstance(base, dict):
-    raise _err('base', f'expected a mapping of trainer config sections, got '
-               f'{base!r}.')
-  for (section, key), owner in _STUDY_OWNED.items():
-    if isinstance(base.get(section), dict) and key in base[section]:
-      raise _err(f'base.{section}.{key}', f'is set by the study per run; use '
-                 f'`{owner}` instead.')
+  _check_sections('base', base)
 
   optimizers_raw = values['optimizers']
   if not isinstance(optimizers_raw, dict) or not optimizers_raw:

@@ -26,13 +26,18 @@ def _memory_mb(row: _Row) -> float:
   return (row['param_bytes'] + row['opt_state_bytes']) / 1e6
 
 
+def format_ppl(mean: Optional[float], std: Optional[float]) -> str:
+  """``mean ± std`` (``mean`` alone for one seed; '—' for none)."""
+  if mean is None:
+    return '—'
+  return f'{mean:.2f} ± {std:.2f}' if std is not None else f'{mean:.2f}'
+
+
 def _ppl(row: Optional[_Row], whole: bool) -> str:
   if row is None:
     return 'not run'
-  mark = '' if whole else ' (unfinished)'
-  if row['eval_ppl_std'] is None:
-    return f'{row["eval_ppl_mean"]:.2f}{mark}'
-  return f'{row["eval_ppl_mean"]:.2f} ± {row["eval_ppl_std"]:.2f}{mark}'
+  return (format_ppl(row['eval_ppl_mean'], row['eval_ppl_std'])
+          + ('' if whole else ' (unfinished)'))
 
 
 def _rate(row: _Row) -> str:
@@ -181,13 +186,20 @@ def claims(best: dict[str, _Row], results: list[_Row], study: Study,
   return out
 
 
-def variance_means(vrows: list[_Row], optimizer: str) -> dict[str, float]:
-  """Mean gradient variance per group (embedding, layers, LM head) of one
-  diagnosed optimizer's run."""
+def ranked_group(group: str) -> bool:
+  """Whether Figure 4 ranks ``group``: the embedding, a layer, the LM head
+  (not the final RMSNorm's scale)."""
+  return group in ('embed', 'lm_head') or group.startswith('layer_')
+
+
+def variance_means(vrows: list[_Row], optimizer: str,
+                   ranked_only: bool = True) -> dict[str, float]:
+  """Mean gradient variance per group of one diagnosed optimizer's run (the
+  groups Figure 4 ranks, or every group)."""
   groups: dict[str, list[float]] = {}
   for r in vrows:
     if r['optimizer'] == optimizer and (
-        r['group'] in ('embed', 'lm_head') or r['group'].startswith('layer_')):
+        not ranked_only or ranked_group(r['group'])):
       groups.setdefault(r['group'], []).append(r['grad_var'])
   return {g: statistics.fmean(v) for g, v in groups.items()}
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
-import statistics
 from typing import Any, Optional, Sequence
 
 from .config import SWEEP, Study, run_config
 from .estimate import remaining
-from .page import results_page
+from .page import (best_rows, format_ppl, ranked_group, results_page,
+                   variance_means)
 from .plots import best_runs, plot_all
 from .results import aggregate, all_specs, collect_run
 from .runner import read_json
@@ -43,12 +43,6 @@ def write_csv(path: pathlib.Path, rows: list[dict[str, Any]],
     writer.writerow(columns)
     for row in rows:
       writer.writerow([_csv_value(row.get(c)) for c in columns])
-
-
-def _fmt_ppl(mean, std) -> str:
-  if mean is None:
-    return '—'
-  return f'{mean:.2f} ± {std:.2f}' if std is not None else f'{mean:.2f}'
 
 
 def _fmt_bytes(n) -> str:
@@ -118,15 +112,14 @@ def markdown_table(study: Study, results: list[dict[str, Any]],
       'weights + state (MB) |',
       '|---|---|---|---|---|---|---|---|',
   ]
-  best = [r for r in results if r['best_lr']
-          and r['phase'] == study.final_phase]
-  best.sort(key=lambda r: r['eval_loss_mean'])
+  best = sorted(best_rows(results, study).values(),
+                key=lambda r: r['eval_loss_mean'])
   for r in best:
     total = (r['param_bytes'] + r['opt_state_bytes']) / 1e6
     lines.append(
         f'| {r["optimizer"]}{" (finalist)" if r["finalist"] else ""} '
         f'| {r["learning_rate"]:g} | {r["seeds"]} '
-        f'| {r["eval_loss_mean"]:.4f} | {_fmt_ppl(r["eval_ppl_mean"], r["eval_ppl_std"])} '
+        f'| {r["eval_loss_mean"]:.4f} | {format_ppl(r["eval_ppl_mean"], r["eval_ppl_std"])} '
         f'| {_fmt_bytes(r["opt_state_bytes"])} | {r["state_over_params"]:.3f} '
         f'| {total:.2f} |')
   no_best = [n for n in study.optimizers if not any(
@@ -154,7 +147,7 @@ def markdown_table(study: Study, results: list[dict[str, Any]],
     lines.append(
         f'| {r["optimizer"]} | {r["learning_rate"]:g} | {r["phase"]} '
         f'({r["steps"] or "—"}) | {r["seeds"] or "—"} '
-        f'| {loss} | {_fmt_ppl(r["eval_ppl_mean"], r["eval_ppl_std"])} '
+        f'| {loss} | {format_ppl(r["eval_ppl_mean"], r["eval_ppl_std"])} '
         f'| {", ".join(status)} |')
   return '\n'.join(lines) + '\n'
 
@@ -193,18 +186,12 @@ def variance_markdown(vrows: list[dict[str, Any]]) -> str:
     return ''
   names = list(dict.fromkeys(r['optimizer'] for r in vrows))
   groups = group_order(r['group'] for r in vrows)
-  means = {}
-  for name in names:
-    for g in groups:
-      values = [r['grad_var'] for r in vrows
-                if r['optimizer'] == name and r['group'] == g]
-      means[name, g] = statistics.fmean(values) if values else None
-  ranked = [g for g in groups if g in ('embed', 'lm_head') or
-            g.startswith('layer_')]  # The figure's groups; not final_norm.
+  per_name = {n: variance_means(vrows, n, ranked_only=False) for n in names}
+  means = {(n, g): per_name[n].get(g) for n in names for g in groups}
   ranks = {}
   for name in names:
-    order = sorted((g for g in ranked if means[name, g] is not None),
-                   key=lambda g: -means[name, g])
+    order = sorted((g for g in per_name[name] if ranked_group(g)),
+                   key=lambda g: -per_name[name][g])
     ranks.update({(name, g): i + 1 for i, g in enumerate(order)})
   first = {n: next(r for r in vrows if r['optimizer'] == n) for n in names}
   steps = sorted({r['step'] for r in vrows})
