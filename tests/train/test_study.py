@@ -591,6 +591,31 @@ def test_the_memory_verdict_waits_for_every_row_of_the_table(data_dir,
   assert memory_claim(best)[2:] == ('least: Muon', '**disagrees**')
 
 
+def test_an_optimizer_that_diverged_at_every_rate_has_ended(data_dir,
+                                                            tmp_path):
+  study = study_lib.parse_study(phased_values(data_dir, tmp_path))
+  for s in study_config.sweep_specs(study):
+    fake_run(s, None if s.optimizer == 'sgd' else
+             SWEEP_LOSS[s.optimizer, s.learning_rate])
+  for s in study_results.all_specs(study):
+    if s.phase == 'long' and s.seed == 0:
+      fake_run(s, LONG_LOSS[s.optimizer].get(s.learning_rate))
+  specs = study_results.all_specs(study)
+  assert not any(s.optimizer == 'sgd' and s.phase == 'long' for s in specs)
+  rows = [study_results.run_row(s) for s in specs]
+  estimate = {'optimizers': {n: {'sweep_run_cpu_s': 1, 'long_run_cpu_s': 10}
+                             for n in study.optimizers},
+              'finalist_runs': 2, 'finalist_run_cpu_s': 10}
+  # Only the finalists' two seeds are left: none of sgd's long runs.
+  assert study_estimate.remaining(study, rows, estimate) == (2, 20)
+  study_lib.write_report(study, say=quiet)
+  page = (tmp_path / 'docs' / 'results.md').read_text()
+  assert '**In progress: every optimizer finished;' in page
+  assert '| SGD | diverged at every rate | — | — |' in page
+  assert ('plain SGD trails Adam far behind (Figure 2) | yes | AdamW '
+          f'{math.exp(3.8):.2f}, SGD diverged | agrees |') in page
+
+
 def test_lr_sensitivity_by_hand(data_dir, tmp_path):
   study = study_lib.parse_study(study_values(
       data_dir, tmp_path, optimizers={'scale': [1e-3, 3e-3, 1e-2, 3e-2]},

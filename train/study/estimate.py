@@ -111,8 +111,8 @@ def remaining(study: Study, rows: list[dict[str, Any]],
 
   ``rows`` are the rows of every run planned so far (``all_specs``); the
   unfinished ones count in full (a run resumed half-way counts whole), plus
-  :func:`plan`'s long runs of each optimizer whose long runs are not planned
-  yet and the finalists' runs until they are. Walk steps not yet queued are
+  :func:`plan`'s long runs of each optimizer still in its sweep and the
+  finalists' runs until they are planned. Walk steps not yet queued are
   not counted. None when ``estimate`` lacks one of the study's optimizers.
   """
   per_opt = estimate['optimizers']
@@ -124,8 +124,11 @@ def remaining(study: Study, rows: list[dict[str, Any]],
   cpu = sum(per_opt[r['optimizer']][f'{r["phase"]}_run_cpu_s'] for r in left)
   if study.long_train is not None:
     planned = {r['optimizer'] for r in rows if r['phase'] == LONG}
+    swept = {r['optimizer'] for r in rows if r['phase'] == SWEEP} - {
+        r['optimizer'] for r in left if r['phase'] == SWEEP}
     for name, count in plan(study).items():
-      if name not in planned:
+      # Swept and no long run planned: every rate diverged, nothing follows.
+      if name not in planned and name not in swept:
         runs += count[LONG]
         cpu += count[LONG] * per_opt[name]['long_run_cpu_s']
   if not any(r['seed'] not in study.seeds for r in rows):

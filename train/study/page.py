@@ -9,7 +9,7 @@ import statistics
 from typing import Any, Optional, Sequence
 
 from . import paper
-from .config import Study, spec
+from .config import SWEEP, Study, spec
 from .plots import label
 
 _Row = dict[str, Any]
@@ -33,9 +33,9 @@ def format_ppl(mean: Optional[float], std: Optional[float]) -> str:
   return f'{mean:.2f} ± {std:.2f}' if std is not None else f'{mean:.2f}'
 
 
-def _ppl(row: Optional[_Row], whole: bool) -> str:
+def _ppl(row: Optional[_Row], whole: bool, diverged: bool = False) -> str:
   if row is None:
-    return 'not run'
+    return 'diverged at every rate' if diverged else 'not run'
   return (format_ppl(row['eval_ppl_mean'], row['eval_ppl_std'])
           + ('' if whole else ' (unfinished)'))
 
@@ -47,8 +47,8 @@ def _rate(row: _Row) -> str:
                                          else '')
 
 
-def paper_table(best: dict[str, _Row], whole: Sequence[str], dtype: str
-                ) -> list[str]:
+def paper_table(best: dict[str, _Row], whole: Sequence[str],
+                diverged: Sequence[str], dtype: str) -> list[str]:
   """The paper's table: this study's perplexity and memory next to the
   paper's 60M column; memory also as a fraction of AdamW's. Rows of
   optimizers not in ``whole`` are marked unfinished."""
@@ -68,13 +68,15 @@ def paper_table(best: dict[str, _Row], whole: Sequence[str], dtype: str
     ratio = (f'{_memory_mb(row) / _memory_mb(adam):.2f}' if row and adam
              else '—')
     rate = _rate(row) if row else '—'
-    lines.append(f'| {label(name)} | {_ppl(row, name in whole)} | {rate} | '
+    lines.append(f'| {label(name)} | {_ppl(row, name in whole, name in diverged)}'
+                 f' | {rate} | '
                  f'{mem} | {ratio} '
                  f'| {p_ppl:.2f} | {p_mem:.2f} | {p_mem / p_adam:.2f} |')
   return lines
 
 
-def ablation_table(best: dict[str, _Row], whole: Sequence[str]) -> list[str]:
+def ablation_table(best: dict[str, _Row], whole: Sequence[str],
+                   diverged: Sequence[str]) -> list[str]:
   """The bottom-up study's rows (with SCALE and AdamW for reference)."""
   lines = ['| optimizer | perplexity (best rate) | best rate | weights + '
            'state (MB) |', '|---|---|---|---|']
@@ -83,7 +85,8 @@ def ablation_table(best: dict[str, _Row], whole: Sequence[str]) -> list[str]:
     row = best.get(name)
     lines.append(f'| {label(name)} | {_ppl(row, name in whole)} | '
                  f'{_rate(row)} | {_memory_mb(row):.2f} |'
-                 if row else f'| {label(name)} | not run | — | — |')
+                 if row else f'| {label(name)} | '
+                 f'{_ppl(None, False, name in diverged)} | — | — |')
   return lines
 
 
@@ -126,18 +129,22 @@ def _verdict(here: Optional[bool], paper_says: bool) -> str:
 
 
 def claims(best: dict[str, _Row], results: list[_Row], study: Study,
-           variance: dict[str, float]) -> list[tuple[str, str, str, str]]:
+           variance: dict[str, float], diverged: Sequence[str] = ()
+           ) -> list[tuple[str, str, str, str]]:
   """``(claim, the paper, here, verdict)`` for each claim the runs decide,
-  from the rows in ``best`` (the whole ones) only."""
+  from the rows in ``best`` (the whole ones) only; an optimizer in
+  ``diverged`` (at every rate) loses to any that trained."""
   ppl = {n: r['eval_ppl_mean'] for n, r in best.items()}
+  ppl.update({n: math.inf for n in diverged})
   out = []
 
   def better(a, b):
     return None if a not in ppl or b not in ppl else ppl[a] < ppl[b]
 
   def show(a, b):
-    return ('—' if a not in ppl or b not in ppl else
-            f'{label(a)} {ppl[a]:.2f}, {label(b)} {ppl[b]:.2f}')
+    return ('—' if a not in ppl or b not in ppl else ', '.join(
+        f'{label(n)} {"diverged" if math.isinf(ppl[n]) else f"{ppl[n]:.2f}"}'
+        for n in (a, b)))
 
   for rival in paper.TABLE:
     if rival == 'scale':
@@ -214,14 +221,30 @@ def whole_rows(results: list[_Row], study: Study) -> dict[str, _Row]:
           if n in best and n not in unfinished}
 
 
-def progress_lines(results: list[_Row], study: Study,
-                   whole: Sequence[str]) -> list[str]:
+def diverged_everywhere(results: list[_Row], study: Study) -> list[str]:
+  """The optimizers whose sweep runs all ended and all diverged: no rate to
+  run long, nothing more to train for them."""
+  out = []
+  for name in study.order:
+    sweep = [r for r in results
+             if r['optimizer'] == name and r['phase'] == SWEEP]
+    if sweep and not any(r['n_missing'] or r['n_runs'] for r in sweep):
+      out.append(name)
+  return out
+
+
+def progress_lines(results: list[_Row], study: Study, whole: Sequence[str],
+                   diverged: Sequence[str] = ()) -> list[str]:
   """A banner while the study is unfinished: which optimizers' rows are
-  ``whole`` (their sweep and every long run finished) and whether the
-  finalists' extra seeds are still to come; empty once all are done."""
-  if len(whole) < len(study.optimizers):
-    return [f'**In progress: {len(whole)} of {len(study.optimizers)} '
-            f'optimizers finished** ({", ".join(map(label, whole)) or "none"}).'
+  ``whole`` (their sweep and every long run finished) or ``diverged`` at
+  every rate, and whether the finalists' extra seeds are still to come;
+  empty once all are done."""
+  ended = [*whole, *diverged]
+  if len(ended) < len(study.optimizers):
+    names = ', '.join([label(n) for n in whole] + [
+        f'{label(n)}: diverged at every rate' for n in diverged])
+    return [f'**In progress: {len(ended)} of {len(study.optimizers)} '
+            f'optimizers finished** ({names or "none"}).'
             ' The others read "not run" until `python -m train.study` (it '
             'resumes where it stopped) has trained them, optimizer by '
             'optimizer, and so do the verdicts about them; a row marked '
@@ -309,6 +332,7 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
   """The whole page."""
   best = best_rows(results, study)
   whole = whole_rows(results, study)
+  diverged = diverged_everywhere(results, study)
   tokens_per_param = info['tokens'] / info['params']
   diagnosed = next((n for n in study.diagnostics_optimizers  # Whole rows only.
                     if n in whole and variance_means(vrows, n)), None)
@@ -319,7 +343,7 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
               f'{tokens_per_param:.2f} tokens per parameter**, far below the '
               'about 20 of a compute-optimal run, so the ranking says how fast '
               'each optimizer starts; `python -m train.study` runs 20.', '']
-  lines += progress_lines(results, study, list(whole))
+  lines += progress_lines(results, study, list(whole), diverged)
   lines += [
       'Generated by `python -m train.study` from the runs under '
       f'`{study.output_dir}` (tables: results.csv, runs.csv, results_table.md;'
@@ -346,12 +370,13 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       'across the split). Seeds '
       f'{info["seeds"]}, finalists add {info["finalist_seeds"]}.', '',
       '## The paper\'s table at this scale', '',
-      *paper_table(best, list(whole), info['dtype']), '',
+      *paper_table(best, list(whole), diverged, info['dtype']), '',
       f'Memory here is {info["dtype"]} weights + optimizer state; the paper '
       'counts 2 bytes a value, so compare the ratios to AdamW/Adam, not the '
       'sizes. '
       + rate_note(study), '',
-      '## The bottom-up study', '', *ablation_table(best, list(whole)), '',
+      '## The bottom-up study', '',
+      *ablation_table(best, list(whole), diverged), '',
       '## Figures', '',
       '![Figure 1: perplexity against memory](ppl_vs_memory.png)', '',
       '*Figure 1 at this scale: final perplexity against weights + optimizer '
@@ -371,7 +396,8 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       'said otherwise).', '',
       '| claim | the paper | here | verdict |', '|---|---|---|---|',
       *[f'| {c} | {p} | {h} | {v} |'
-        for c, p, h, v in claims(whole, results, study, variance)], '',
+        for c, p, h, v in claims(whole, results, study, variance, diverged)],
+      '',
       'Why a small-scale ranking may differ from the paper\'s: this model '
       f'has {info["params"] / 58.07e6:.1%} of the parameters of the paper\'s '
       f'smallest (58.07M); the data are `{info["data"]}`, not C4 English; '
