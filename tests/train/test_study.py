@@ -206,6 +206,10 @@ BAD = {
     'finalists without seeds': (
         lambda v: {**v, 'finalists': {'always': ['scale']}},
         'finalists.seeds'),
+    'rates one folder apart': (
+        lambda v: {**v, 'optimizers': {'scale': [3e-3, 3.0000001e-3],
+                                       'adamw': [1e-2]}},
+        'optimizers.scale'),
     'diagnostics unknown key': (
         lambda v: {**v, 'diagnostics': {'every': 2, 'often': True}},
         'diagnostics.often'),

@@ -184,8 +184,9 @@ def parse_study(values: Any, source: Optional[str] = None) -> Study:
     if not isinstance(lrs, list) or not lrs:
       raise _err(key, f'expected a non-empty list of learning rates, got {lrs!r}.')
     rates = tuple(_number(f'{key}[{i}]', v) for i, v in enumerate(lrs))
-    if len(set(rates)) != len(rates):
-      raise _err(key, f'has duplicate learning rates: {lrs!r}.')
+    if len({lr_tag(r) for r in rates}) != len(rates):  # One folder a rate.
+      raise _err(key, f'has duplicate learning rates (to 6 significant '
+                 f'digits, as run folders name them): {lrs!r}.')
     optimizers[name] = rates
 
   seeds = _int_list('seeds', values['seeds'], allow_empty=False)
@@ -276,6 +277,7 @@ def load_study(path: str | os.PathLike) -> Study:
 
 
 def lr_tag(lr: float) -> str:
+  """The run folder's name for ``lr`` (6 significant digits)."""
   return f'lr_{lr:g}'
 
 
