@@ -358,9 +358,10 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       f'`{info["data"]}`'
       + (f' ({info["train_tokens"]:,} training tokens)'
          if info.get('train_tokens') else '') +
-      f'; batch {info["batch_size"]} x {info["seq_len"]}. Sweep runs of '
-      f'{info["sweep_steps"]} steps, then long runs of {info["steps"]} steps '
-      f'= {info["tokens"]:,} tokens = **{tokens_per_param:.1f} tokens per '
+      f'; batch {info["batch_size"]} x {info["seq_len"]}. '
+      + (f'Sweep runs of {info["sweep_steps"]} steps, then long runs of '
+         if study.long_train is not None else 'Runs of ') +
+      f'{info["steps"]} steps = {info["tokens"]:,} tokens = **{tokens_per_param:.1f} tokens per '
       f'parameter**; warmup {info["warmup_steps"]} steps, cosine to '
       f'{info["min_lr_ratio"]:g} of the peak, clipping '
       f'{info["grad_clip"] or "none"}, '
