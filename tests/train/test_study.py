@@ -574,6 +574,33 @@ def test_the_page_says_which_optimizers_are_unfinished(data_dir, tmp_path,
   assert '**In progress' not in page()
 
 
+def test_without_long_neighbours_sensitivity_reads_the_sweep(data_dir,
+                                                            tmp_path):
+  study = study_lib.parse_study(study_values(
+      data_dir, tmp_path, optimizers={'scale': [1e-3, 3e-3, 1e-2],
+                                      'stable_spam': [1e-3, 3e-3, 1e-2]},
+      sweep={'steps': 4}, long={'steps': 8, 'eval_every': 4, 'neighbours': 0}))
+
+  def row(name, phase, lr, ppl, best=False):
+    return {'optimizer': name, 'phase': phase, 'learning_rate': lr,
+            'eval_ppl_mean': ppl, 'best_lr': best, 'n_diverged': 0,
+            'n_missing': 0, 'param_bytes': 1000, 'opt_state_bytes': 100}
+
+  results = [row('scale', 'sweep', 1e-3, 130.0), row('scale', 'sweep', 3e-3,
+                                                     100.0, True),
+             row('scale', 'sweep', 1e-2, 110.0),
+             row('stable_spam', 'sweep', 1e-3, 150.0),
+             row('stable_spam', 'sweep', 3e-3, 100.0, True),
+             row('stable_spam', 'sweep', 1e-2, 170.0),
+             row('scale', 'long', 3e-3, 90.0, True),
+             row('stable_spam', 'long', 3e-3, 85.0, True)]
+  best = {r['optimizer']: r for r in results if r['phase'] == 'long'}
+  claim = next(c for c in study_page.claims(best, results, study, {})
+               if c[0].startswith('SCALE is less sensitive'))
+  assert claim[2:] == ('neighbour/best perplexity 1.200 vs 1.600 (sweep '
+                       'runs)', 'agrees')
+
+
 def test_the_memory_verdict_waits_for_every_row_of_the_table(data_dir,
                                                              tmp_path):
   study = study_lib.parse_study(study_values(

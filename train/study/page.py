@@ -90,23 +90,25 @@ def ablation_table(best: dict[str, _Row], whole: Sequence[str],
   return lines
 
 
-def lr_sensitivity(results: list[_Row], study: Study, name: str
-                   ) -> Optional[float]:
+def lr_sensitivity(results: list[_Row], study: Study, name: str,
+                   phase: Optional[str] = None) -> Optional[float]:
   """Mean perplexity of the best rate's grid neighbours (one step on each
-  side, those whose final-phase runs ended) over the best rate's (1 =
-  insensitive; ``inf`` when a neighbour diverged at every seed); None without
-  a best rate and an ended neighbour. Rates further away (a walk's) are left
-  out, so every optimizer is measured over the same span of its grid."""
+  side, those whose runs of ``phase``, default the final one, ended) over
+  the best rate's (1 = insensitive; ``inf`` when a neighbour diverged at
+  every seed); None without a best rate and an ended neighbour. Rates
+  further away (a walk's) are left out, so every optimizer is measured over
+  the same span of its grid."""
+  phase = phase or study.final_phase
   ppl = {}
   for r in results:
-    if r['optimizer'] != name or r['phase'] != study.final_phase:
+    if r['optimizer'] != name or r['phase'] != phase:
       continue
     if r['eval_ppl_mean']:
       ppl[r['learning_rate']] = r['eval_ppl_mean']
     elif r['n_diverged'] and not r['n_missing']:
       ppl[r['learning_rate']] = math.inf
   best = [r['learning_rate'] for r in results if r['optimizer'] == name
-          and r['phase'] == study.final_phase and r['best_lr']]
+          and r['phase'] == phase and r['best_lr']]
   if not best:
     return None
   grid = sorted(study.optimizers[name])
@@ -181,13 +183,19 @@ def claims(best: dict[str, _Row], results: list[_Row], study: Study,
                 'embedding (Figure 4)', 'yes', ', '.join(order[:3]),
                 _verdict(order[:2] == ['lm_head', 'embed'], True)))
   # Whole rows only (``best``), as every other verdict.
-  s_scale, s_spam = (lr_sensitivity(results, study, n) if n in best else None
-                     for n in ('scale', 'stable_spam'))
+  # The final phase's runs; the sweep's where the final phase has no
+  # neighbours to compare (``long.neighbours: 0``).
+  for phase, where in ((study.final_phase, ''), (SWEEP, ' (sweep runs)')):
+    s_scale, s_spam = (lr_sensitivity(results, study, n, phase)
+                       if n in best else None
+                       for n in ('scale', 'stable_spam'))
+    if s_scale is not None and s_spam is not None:
+      break
   out.append(('SCALE is less sensitive to the learning rate than '
               'Stable-SPAM (Figure 5)', 'yes (130M)',
               '—' if s_scale is None or s_spam is None else
               f'neighbour/best perplexity {_ratio(s_scale)} vs '
-              f'{_ratio(s_spam)}',
+              f'{_ratio(s_spam)}{where}',
               _verdict(None if s_scale is None or s_spam is None
                        else s_scale < s_spam, True)))
   return out
