@@ -9,7 +9,7 @@ import statistics
 from typing import Any, Optional, Sequence
 
 from . import paper
-from .config import SWEEP, Study, spec
+from .config import SWEEP, Study, run_config
 from .plots import label
 
 _Row = dict[str, Any]
@@ -317,8 +317,8 @@ def stable_spam_note(study: Study) -> str:
   rates = study.optimizers.get('stable_spam')
   if not rates:
     return ''
-  config = spec(study, study.final_phase, 'stable_spam', rates[0],
-                study.seeds[0]).config
+  config = run_config(study, study.final_phase, 'stable_spam', rates[0],
+                      study.seeds[0])
   steps, period = config.train.steps, config.rivals.stable_spam.reset_interval
   theirs = paper.STABLE_SPAM_STEPS
   said = (f' Stable-SPAM keeps its released momentum-reset period '
