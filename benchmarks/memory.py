@@ -64,7 +64,7 @@ from train.model import param_count
 from train.optim import make_optimizer
 from train.state import make_setup
 
-# The paper's memory column (paper-facts.md): weights + optimizer state at
+# The paper's memory column (arXiv 2506.16659): weights + optimizer state at
 # 2 bytes a value, GB. Its "Adam" is AdamW here.
 PAPER_GB = {
     'adamw': {'llama_60m': 0.35, 'llama_130m': 0.81, 'llama_350m': 2.21,

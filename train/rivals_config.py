@@ -9,7 +9,7 @@ the method is selected, unless an override sets ``optimizer.learning_rate``
 ``optimizer.name=apollo optimizer.learning_rate=3e-3`` a different rate). The
 schedule, warmup, steps and clipping stay those of the ``optimizer`` and
 ``train`` sections. The defaults are the authors' LLaMA-60M settings
-(shared/rivals-facts.md, section 6).
+(docs/sources.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """NumPy transcriptions of the rivals' released updates, in torch layout.
 
-Written from the released code's order of operations (shared/rivals-facts.md),
+Written from the released code's order of operations (docs/sources.md),
 not from ``scale_optax.contrib``: a weight is ``W [out, in]`` (the Flax kernel
 transposed), float64, one state dict per parameter, the step counted per
 parameter as the torch optimizers do. Nothing here imports ``scale_optax``.

@@ -1,7 +1,7 @@
 """Shared helpers: small LLaMA-shaped trees and an independent NumPy SCALE.
 
 Nothing here imports ``scale_optax``: the reference below is written from the
-formulas of Algorithm 1 (DESIGN.md section 1), so comparing the library with it
+formulas of Algorithm 1 (arXiv 2506.16659), so comparing the library with it
 checks the library rather than restating it.
 """
 

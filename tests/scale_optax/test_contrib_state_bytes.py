@@ -2,7 +2,7 @@
 
 The expected numbers are the float values the released torch optimizers hold
 after a real step on LLaMA-60M and (from shapes) LLaMA-1B, projectors and
-limiter/statistics scalars included (shared/rivals-facts.md, section 7);
+limiter/statistics scalars included (docs/sources.md);
 ours come from ``jax.eval_shape`` of ``init``: nothing is allocated.
 """
 

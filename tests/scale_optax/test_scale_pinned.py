@@ -1,5 +1,5 @@
 """SCALE's arithmetic on hand-worked numbers (the authors' release, read line
-by line in /work/shared/paper-facts.md): the fan-in axis, the RMS, and eps as
+by line; docs/sources.md): the fan-in axis, the RMS, and eps as
 a lower clamp of the RMS, not an added term."""
 
 import jax.numpy as jnp

@@ -3,7 +3,7 @@
 Every expectation here is computed by hand or by a direct NumPy computation
 written from the definitions, never by comparing the trainer with itself: the
 learning-rate schedules (against closed forms and the authors' recipe in
-/work/shared/paper-facts.md), gradient clipping's place in the chain, the
+docs/sources.md), gradient clipping's place in the chain, the
 first update's rate per leaf, which parameters each named optimizer keeps
 which state for, the LLaMA forward pass, and the eval loss and perplexity.
 """

@@ -15,7 +15,7 @@ def test_config_matches_the_authors(size):
 
 
 def test_authors_values_per_size():
-  """The per-size facts of paper-facts.md (scripts/<size>_scale.sh)."""
+  """The per-size facts of the authors' scripts/<size>_scale.sh."""
   got = {s: (v['optimizer.learning_rate'], v['optimizer.vector_learning_rate'],
              v['train.steps']) for s, v in recipe.AUTHORS.items()}
   assert got == {'60m': (1e-3, 2e-2, 11000), '130m': (1e-3, 2e-2, 20000),

@@ -18,7 +18,7 @@ from train.study import config as study_config
 SMALL = ['model.vocab_size=512', 'model.d_model=64', 'model.n_layers=2',
          'model.n_heads=2', 'model.d_ff=176', 'data.seq_len=64',
          'data.batch_size=8', 'train.eval_tokens=2048', 'train.progress=false']
-# The published settings per size (shared/rivals-facts.md, section 6).
+# The published settings per size (docs/sources.md).
 PUBLISHED = {
     'llama_60m': {'galore': (128, 0.25), 'fira': (128, 0.25),
                   'apollo': (128, 1.0), 'apollo_mini': (1, 128.0)},

@@ -1,4 +1,4 @@
-"""The paper's numbers (arXiv 2506.16659, LLaMA on C4; shared/paper-facts.md).
+"""The paper's numbers (arXiv 2506.16659, LLaMA on C4; docs/sources.md).
 
 ``TABLE[optimizer][size] = (eval perplexity, weights + optimizer state in
 GB at 2 bytes a value)``, optimizers named as in ``optimizer.name``.
@@ -27,6 +27,6 @@ TABLE = {
 # The bottom-up study's claims (the paper's Section 3 and Figures 2-5).
 ABLATIONS = ('sgd', 'sgd_column_norm', 'sgd_row_norm', 'scale_first_last')
 # Stable-SPAM's released 130M script (its own repository, not the SCALE paper;
-# shared/rivals-facts.md section 4): 20,000 steps (`--total_T`), the
+# scripts_BF16/stablespam.sh): 20,000 steps (`--total_T`), the
 # momentum reset every 1,000 (`--update_proj_gap`).
 STABLE_SPAM_STEPS = 20_000
