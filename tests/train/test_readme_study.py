@@ -1,0 +1,106 @@
+"""The README's study table says what docs/results.csv says.
+
+The table under "Where the study stands" is written by hand at each stop of
+the long study; every number in it is checked here against the committed
+report: each rate's perplexity, the best rate in bold, the sweep's best, the
+memory, and that no finished run of the report is left out.
+"""
+
+import csv
+import pathlib
+import re
+
+import pytest
+
+from train.study.plots import label
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+_SWEEP = re.compile(r'^(?P<rate>[0-9.e-]+) \((?P<ppl>[0-9.]+)\)$')
+_LONG = re.compile(r'^(?P<bold>\*\*)?(?P<rate>[0-9.e-]+): (?P<ppl>[0-9.]+|'
+                   r'diverged)(?(bold)\*\*)(?P<note> \(the walk\))?$')
+
+
+def readme_rows(text: str) -> list[list[str]]:
+  """The cells of each row of the table after "Where the study stands"."""
+  start = text.index('**Where the study stands')
+  lines = text[start:].splitlines()
+  first = next(i for i, line in enumerate(lines) if line.startswith('|'))
+  table = []
+  for line in lines[first + 2:]:  # Past the header and its rule.
+    if not line.startswith('|'):
+      break
+    table.append([cell.strip() for cell in line.strip('|').split('|')])
+  return table
+
+
+def report_rows() -> dict[tuple[str, str, float], dict[str, str]]:
+  with (REPO / 'docs' / 'results.csv').open() as f:
+    return {(r['phase'], r['optimizer'], float(r['learning_rate'])): r
+            for r in csv.DictReader(f)}
+
+
+def lookup(report, phase: str, name: str, rate: float) -> dict[str, str]:
+  key = (phase, name, rate)
+  assert key in report, f'the README names {key}, which docs/results.csv lacks'
+  return report[key]
+
+
+def long_cell(cell: str, name: str, report) -> set[float]:
+  """Checks a long-runs cell against the report; the rates it names."""
+  if cell.startswith('under way: '):
+    rates = {float(x) for x in cell[len('under way: '):].split(', ')}
+    for rate in rates:
+      row = lookup(report, 'long', name, rate)
+      assert row['n_runs'] == '0', f'{name} {rate} has finished: {cell}'
+    return rates
+  rates = set()
+  for entry in cell.split(', '):
+    m = _LONG.match(entry)
+    assert m, f'{name}: cannot read {entry!r}'
+    rate = float(m['rate'])
+    row = lookup(report, 'long', name, rate)
+    if m['ppl'] == 'diverged':
+      assert row['n_diverged'] != '0', f'{name} {rate}: {row}'
+    else:
+      assert f'{float(row["eval_ppl_mean"]):.2f}' == m['ppl'], (name, rate)
+    assert (row['best_lr'] == 'True') == bool(m['bold']), (
+        f'{name}: bold must mark the best long rate ({entry})')
+    rates.add(rate)
+  return rates
+
+
+def test_readme_table_matches_the_report():
+  report = report_rows()
+  rows = readme_rows((REPO / 'README.md').read_text())
+  assert rows, 'no table under "Where the study stands"'
+  names = {label(opt): opt for _, opt, _ in report}
+  shown = set()
+  for text, sweep, long, megabytes in rows:
+    name = names.get(text.removesuffix(' (unfinished)'))
+    assert name, f'unknown optimizer {text!r} in the README'
+    shown.add(name)
+    m = _SWEEP.match(sweep)
+    assert m, f'{name}: cannot read the sweep cell {sweep!r}'
+    best = lookup(report, 'sweep', name, float(m['rate']))
+    assert best['best_lr'] == 'True', f'{name}: {sweep} is not the best rate'
+    assert f'{float(best["eval_ppl_mean"]):.2f}' == m['ppl'], (name, sweep)
+    rates = long_cell(long, name, report)
+    finished = {rate for (phase, opt, rate), r in report.items()
+                if phase == 'long' and opt == name and r['n_runs'] != '0'}
+    assert finished <= rates, f'{name}: long runs missing from the README'
+    mb = (int(best['opt_state_bytes']) + int(best['param_bytes'])) / 1e6
+    assert megabytes in ('—', f'{mb:.2f}'), (name, megabytes)
+    assert (megabytes == '—') == text.endswith('(unfinished)'), (
+        f'{name}: memory is shown for whole rows only')
+  swept = {opt for (phase, opt, _), r in report.items()
+           if phase == 'sweep' and r['n_runs'] != '0' and r['best_lr'] == 'True'}
+  assert swept <= shown, f'optimizers swept but not in the README: {swept - shown}'
+
+
+@pytest.mark.parametrize('entry, ok', [
+    ('1e-3: 106.01', True), ('**3e-3: 105.31**', True),
+    ('3e-4: 134.67 (the walk)', True), ('1e-2: diverged', True),
+    ('3e-3: 105.31**', False), ('**3e-3: 105.31', False),
+    ('3e-3 105.31', False)])
+def test_long_entries_are_read_strictly(entry, ok):
+  assert bool(_LONG.match(entry)) == ok
