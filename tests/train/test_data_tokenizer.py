@@ -31,6 +31,10 @@ def test_trained_once_and_cached(tmp_path, monkeypatch):
   ids = again.tokenizer.encode_document(text)
   assert ids.dtype == np.int32 and ids[-1] == again.eos_id
   assert again.tokenizer.decode(ids[:-1]) == text
+  # The default normalizer (as T5's): any whitespace run becomes one space.
+  code = 'def f(x):\n    if x:\n\treturn  x\n'
+  assert again.tokenizer.decode(
+      again.tokenizer.encode_document(code)[:-1]) == 'def f(x): if x: return x'
   assert 'tensorflow' not in sys.modules
 
   # Another vocabulary size is another model.

@@ -6,7 +6,9 @@ the library's root; about 1,800 files and 31 MB of code for CPython 3.11. A
 file that is not UTF-8 is decoded with replacement characters. Every 25th file
 goes to validation (``corpus.split_documents``, as for the embedded corpus),
 and the tokenizer is a BPE model trained on the training split, as for the
-embedded corpus (``train.data.prepare``).
+embedded corpus (``train.data.prepare``). That tokenizer collapses every run
+of whitespace into one space (SentencePiece's default normalizer, as in the T5
+vocabulary), so the model sees the code without its newlines and indentation.
 
 The files come from the interpreter that prepares the data set, so they differ
 between Python versions: ``dataset_info`` records, in its metadata, the

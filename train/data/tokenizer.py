@@ -89,7 +89,11 @@ def train_bpe(lines: Iterable[str], vocab_size: int) -> bytes:
   """Trains a BPE model on ``lines`` (one sentence each); returns its bytes.
 
   With a small corpus the model may end up with fewer than ``vocab_size``
-  pieces (never more).
+  pieces (never more). The model keeps SentencePiece's default normalizer
+  (``nmt_nfkc``, extra whitespace removed), as the T5 vocabulary the paper
+  used does: encoding turns every run of whitespace, newlines and
+  indentation included, into one space, so ``decode(encode(text))`` is
+  ``text`` with its whitespace collapsed.
   """
   out = io.BytesIO()
   spm.SentencePieceTrainer.train(

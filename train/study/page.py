@@ -409,7 +409,9 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       '',
       'Why a small-scale ranking may differ from the paper\'s: this model '
       f'has {info["params"] / 58.07e6:.1%} of the parameters of the paper\'s '
-      f'smallest (58.07M); the data are `{info["data"]}`, not C4 English; '
+      f'smallest (58.07M); the data are `{info["data"]}`, not C4 English '
+      '(its tokenizer, like the paper\'s T5 vocabulary, turns every run of '
+      'whitespace, newlines and indentation included, into one space); '
       f'the runs see {tokens_per_param:.1f} tokens per parameter (60M: 24); '
       + ('' if info['dtype'] == 'bfloat16' else
          f'weights are {info["dtype"]}, not bf16; ') +
