@@ -46,15 +46,20 @@ def lookup(report, phase: str, name: str, rate: float) -> dict[str, str]:
 
 
 def long_cell(cell: str, name: str, report) -> set[float]:
-  """Checks a long-runs cell against the report; the rates it names."""
-  if cell.startswith('under way: '):
-    rates = {float(x) for x in cell[len('under way: '):].split(', ')}
-    for rate in rates:
-      row = lookup(report, 'long', name, rate)
-      assert row['n_runs'] == '0', f'{name} {rate} has finished: {cell}'
+  """Checks a long-runs cell against the report; the rates it names.
+
+  The cell lists finished runs (``rate: perplexity``), then, for an
+  unfinished row, ``under way: rate, ...``, the two parts joined by '; '.
+  """
+  finished, _, under_way = cell.partition('under way: ')
+  rates = {float(x) for x in under_way.split(', ')} if under_way else set()
+  for rate in rates:
+    row = lookup(report, 'long', name, rate)
+    assert row['n_runs'] == '0', f'{name} {rate} has finished: {cell}'
+  finished = finished.removesuffix('; ')
+  if not finished:
     return rates
-  rates = set()
-  for entry in cell.split(', '):
+  for entry in finished.split(', '):
     m = _LONG.match(entry)
     assert m, f'{name}: cannot read {entry!r}'
     rate = float(m['rate'])
