@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from train.study.page import format_ppl
 from train.study.plots import label
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -67,7 +68,8 @@ def long_cell(cell: str, name: str, report) -> set[float]:
     if m['ppl'] == 'diverged':
       assert row['n_diverged'] != '0', f'{name} {rate}: {row}'
     else:
-      assert f'{float(row["eval_ppl_mean"]):.2f}' == m['ppl'], (name, rate)
+      assert format_ppl(float(row['eval_ppl_mean']), None) == m['ppl'], (
+          name, rate)
     assert (row['best_lr'] == 'True') == bool(m['bold']), (
         f'{name}: bold must mark the best long rate ({entry})')
     rates.add(rate)
@@ -88,7 +90,8 @@ def test_readme_table_matches_the_report():
     assert m, f'{name}: cannot read the sweep cell {sweep!r}'
     best = lookup(report, 'sweep', name, float(m['rate']))
     assert best['best_lr'] == 'True', f'{name}: {sweep} is not the best rate'
-    assert f'{float(best["eval_ppl_mean"]):.2f}' == m['ppl'], (name, sweep)
+    assert format_ppl(float(best['eval_ppl_mean']), None) == m['ppl'], (
+        name, sweep)
     rates = long_cell(long, name, report)
     finished = {rate for (phase, opt, rate), r in report.items()
                 if phase == 'long' and opt == name and r['n_runs'] != '0'}
