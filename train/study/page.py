@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 from . import paper
 from .config import SWEEP, Study, run_config
 from .plots import label
+from .results import memory_mb
 
 _Row = dict[str, Any]
 
@@ -20,10 +21,6 @@ def best_rows(results: list[_Row], study: Study) -> dict[str, _Row]:
   return {r['optimizer']: r for r in results
           if r['best_lr'] and r['phase'] == study.final_phase
           and r['eval_ppl_mean'] is not None}
-
-
-def _memory_mb(row: _Row) -> float:
-  return (row['param_bytes'] + row['opt_state_bytes']) / 1e6
 
 
 def format_ppl(mean: Optional[float], std: Optional[float]) -> str:
@@ -64,8 +61,8 @@ def paper_table(best: dict[str, _Row], whole: Sequence[str],
   for name, sizes in paper.TABLE.items():
     row = best.get(name)
     p_ppl, p_mem = sizes[size]
-    mem = f'{_memory_mb(row):.2f}' if row else '—'
-    ratio = (f'{_memory_mb(row) / _memory_mb(adam):.2f}' if row and adam
+    mem = f'{memory_mb(row):.2f}' if row else '—'
+    ratio = (f'{memory_mb(row) / memory_mb(adam):.2f}' if row and adam
              else '—')
     rate = _rate(row) if row else '—'
     lines.append(f'| {label(name)} | {_ppl(row, name in whole, name in diverged)}'
@@ -84,7 +81,7 @@ def ablation_table(best: dict[str, _Row], whole: Sequence[str],
                'scale_first_last'):
     row = best.get(name)
     lines.append(f'| {label(name)} | {_ppl(row, name in whole)} | '
-                 f'{_rate(row)} | {_memory_mb(row):.2f} |'
+                 f'{_rate(row)} | {memory_mb(row):.2f} |'
                  if row else f'| {label(name)} | '
                  f'{_ppl(None, False, name in diverged)} | — | — |')
   return lines
@@ -156,7 +153,7 @@ def claims(best: dict[str, _Row], results: list[_Row], study: Study,
     out.append((f'SCALE {"beats" if says else "trails"} {label(rival)} '
                 f'(60M)', f'{p_scale:.2f} vs {p_rival:.2f}',
                 show('scale', rival), _verdict(better('scale', rival), says)))
-  mems = {n: _memory_mb(r) for n, r in best.items() if n in paper.TABLE}
+  mems = {n: memory_mb(r) for n, r in best.items() if n in paper.TABLE}
   table = [n for n in paper.TABLE if n in study.optimizers]
   if 'scale' in mems and len(mems) > 1:
     least = min(mems, key=mems.get)

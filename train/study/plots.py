@@ -8,6 +8,7 @@ import statistics
 from typing import Optional
 
 from .config import SWEEP, Study
+from .results import memory_mb
 
 
 _COLORS = {
@@ -149,7 +150,7 @@ def plot_memory(results, info, path: pathlib.Path) -> pathlib.Path:
   for r in sorted(results, key=lambda r: r['eval_ppl_mean'] or 0):
     if not r['best_lr'] or r['eval_ppl_mean'] is None:
       continue
-    x = (r['param_bytes'] + r['opt_state_bytes']) / 1e6
+    x = memory_mb(r)
     left = sum(abs(math.log(x / px)) < 0.05 for px in placed) % 2 == 1
     placed.append(x)
     ax.errorbar([x], [r['eval_ppl_mean']], yerr=[[r['eval_ppl_std'] or 0],

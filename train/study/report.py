@@ -12,7 +12,7 @@ from .estimate import remaining
 from .page import (best_rows, format_ppl, ranked_group, results_page,
                    variance_means)
 from .plots import best_runs, plot_all
-from .results import aggregate, all_specs, collect_run
+from .results import aggregate, all_specs, collect_run, memory_mb
 from .runner import read_json
 
 
@@ -115,13 +115,12 @@ def markdown_table(study: Study, results: list[dict[str, Any]],
   best = sorted(best_rows(results, study).values(),
                 key=lambda r: r['eval_loss_mean'])
   for r in best:
-    total = (r['param_bytes'] + r['opt_state_bytes']) / 1e6
     lines.append(
         f'| {r["optimizer"]}{" (finalist)" if r["finalist"] else ""} '
         f'| {r["learning_rate"]:g} | {r["seeds"]} '
         f'| {r["eval_loss_mean"]:.4f} | {format_ppl(r["eval_ppl_mean"], r["eval_ppl_std"])} '
         f'| {_fmt_bytes(r["opt_state_bytes"])} | {r["state_over_params"]:.3f} '
-        f'| {total:.2f} |')
+        f'| {memory_mb(r):.2f} |')
   no_best = [n for n in study.optimizers if not any(
       r['optimizer'] == n for r in best)]
   for n in no_best:

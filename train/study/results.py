@@ -34,6 +34,12 @@ def run_row(run: RunSpec) -> dict[str, Any]:
   return row
 
 
+def memory_mb(row: dict[str, Any]) -> float:
+  """Weights + optimizer state of a run (or aggregated) row, in MB (1e6
+  bytes): the paper's memory column."""
+  return (row['param_bytes'] + row['opt_state_bytes']) / 1e6
+
+
 def collect_run(run: RunSpec) -> dict[str, Any]:
   """One row of ``runs.csv``: :func:`run_row` plus the last train loss (and
   the run's curves under ``'records'``)."""
