@@ -19,6 +19,7 @@ from train.study import config as study_config
 from train.study import estimate as study_estimate
 from train.study import page as study_page
 from train.study import paper as study_paper
+from train.study import report as study_report
 from train.study import results as study_results
 from train.study import runner as study_runner
 
@@ -952,6 +953,22 @@ def test_gpu_study_run_trains_two_steps_on_cpu(name, data_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------
+def test_the_variance_table_gives_each_column_its_own_steps():
+  # A sweep run (2 diagnostic steps, to 560) beside a long run (3, to 4480):
+  # each column's header names its own steps, and each mean is over them.
+  vrows = [{'optimizer': name, 'learning_rate': lr, 'seed': 0, 'step': step,
+            'tokens': None, 'group': group, 'grad_var': value, 'grad_sq': None}
+           for name, lr, steps in (('sgd_column_norm', 1e-3, (56, 560)),
+                                   ('scale', 3e-3, (56, 2240, 4480)))
+           for step in steps
+           for group, value in (('embed', 1.0 + step / 560), ('lm_head', 2.0))]
+  table = study_report.variance_markdown(vrows)
+  assert ('| param group | sgd_column_norm (lr 0.001, seed 0, 2 steps: 56 to '
+          '560) | scale (lr 0.003, seed 0, 3 steps: 56 to 4480) |') in table
+  assert '| embed | 1.55 (2) | 5.03 (1) |' in table
+  assert '| lm_head | 2 (1) | 2 (2) |' in table
+
+
 # The gradient-variance diagnostic.
 
 

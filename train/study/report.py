@@ -193,20 +193,23 @@ def variance_markdown(vrows: list[dict[str, Any]]) -> str:
                    key=lambda g: -per_name[name][g])
     ranks.update({(name, g): i + 1 for i, g in enumerate(order)})
   first = {n: next(r for r in vrows if r['optimizer'] == n) for n in names}
-  steps = sorted({r['step'] for r in vrows})
+  steps = {n: sorted({r['step'] for r in vrows if r['optimizer'] == n})
+           for n in names}
   lines = [
       '## Per-layer stochastic-gradient variance (the paper\'s Figure 4)',
       '',
-      f'Mean over the {len(steps)} diagnostic steps ({steps[0]} to '
-      f'{steps[-1]}) of the per-sequence gradient variance (averaged over the '
-      'group\'s elements; train/diagnostics.py), in the best-LR run of each '
-      'diagnosed optimizer; in parentheses the rank among the embedding, '
+      'Mean over each run\'s diagnostic steps (their number and range in '
+      'the column\'s header) of the per-sequence gradient variance '
+      '(averaged over the group\'s elements; train/diagnostics.py), in the '
+      'best-LR run of each diagnosed optimizer (a sweep run until its long '
+      'runs end); in parentheses the rank among the embedding, '
       'the layers and the LM head (1 = largest; a layer\'s group holds its '
       'matrices and its two RMSNorm scales). Every step is in '
       '`grad_variance.csv`.',
       '',
       '| param group | ' + ' | '.join(
-          f'{n} (lr {first[n]["learning_rate"]:g}, seed {first[n]["seed"]})'
+          f'{n} (lr {first[n]["learning_rate"]:g}, seed {first[n]["seed"]}, '
+          f'{len(steps[n])} steps: {steps[n][0]} to {steps[n][-1]})'
           for n in names) + ' |',
       '|---|' + '---|' * len(names),
   ]
