@@ -50,8 +50,11 @@ def long_cell(cell: str, name: str, report) -> set[float]:
   """Checks a long-runs cell against the report; the rates it names.
 
   The cell lists finished runs (``rate: perplexity``), then, for an
-  unfinished row, ``under way: rate, ...``, the two parts joined by '; '.
+  unfinished row, ``under way: rate, ...``, the two parts joined by '; ';
+  it is '—' before the first long run.
   """
+  if cell == '—':
+    return set()
   finished, _, under_way = cell.partition('under way: ')
   rates = {float(x) for x in under_way.split(', ')} if under_way else set()
   for rate in rates:
