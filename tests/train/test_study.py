@@ -952,7 +952,6 @@ def test_gpu_study_run_trains_two_steps_on_cpu(name, data_dir, tmp_path):
   assert summary['steps'] == 2 and math.isfinite(summary['eval_loss'])
 
 
-# --------------------------------------------------------------------------
 def test_the_variance_table_gives_each_column_its_own_steps():
   # A sweep run (2 diagnostic steps, to 560) beside a long run (3, to 4480):
   # each column's header names its own steps, and each mean is over them.
@@ -969,6 +968,7 @@ def test_the_variance_table_gives_each_column_its_own_steps():
   assert '| lm_head | 2 (1) | 2 (2) |' in table
 
 
+# --------------------------------------------------------------------------
 # The gradient-variance diagnostic.
 
 
