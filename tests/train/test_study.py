@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from train.config import load_config, to_dict
 from train.loop import train
 from train.study import config as study_config
 from train.study import estimate as study_estimate
+from train.study import ledger as study_ledger
 from train.study import page as study_page
 from train.study import paper as study_paper
 from train.study import report as study_report
@@ -852,6 +854,110 @@ def test_a_failed_sweep_run_holds_back_its_optimizer_and_the_finalists(
                  for c in calls)
   assert sum(c.startswith('long ') for c in calls) == 3 + 2  # adamw, sgd
   assert not runner.stopped
+
+
+# --------------------------------------------------------------------------
+# The ledger: finished runs kept in git, so a fresh clone resumes the study.
+
+
+def _ledger_files(study):
+  return {p.relative_to(study.ledger_dir): p.read_bytes()
+          for p in study.ledger_dir.rglob('*') if p.is_file()}
+
+
+def test_a_run_is_kept_in_the_ledger_when_it_finishes(data_dir, tmp_path,
+                                                      monkeypatch):
+  study = study_lib.parse_study(phased_values(data_dir, tmp_path))
+  _faking_runner(study, monkeypatch)
+  study_runner.Runner(study, 1, quiet).run(
+      lambda: study_results.all_specs(study))
+  specs = study_results.all_specs(study)
+  kept = _ledger_files(study)
+  for s in specs:
+    rel = s.kept_dir.relative_to(study.ledger_dir)
+    names = {p.name for p in s.run_dir.iterdir()}
+    assert {p.name for p in kept if p.parent == rel} == names, s.label
+    for name in names:  # The run's own small files, byte for byte.
+      assert kept[rel / name] == (s.run_dir / name).read_bytes()
+  assert len({p.parent for p in kept}) == len(specs)
+  assert not [p for p in study.ledger_dir.rglob('*')
+              if p.name.endswith(('.tmp', '.old'))]
+
+
+def test_a_fresh_clone_resumes_from_the_ledger(data_dir, tmp_path,
+                                               monkeypatch):
+  """Runs finished before the ledger existed are kept when the runner next
+  passes them; then, without any run folder, the plan, the rows and the
+  report are the same, and nothing trains again."""
+  study, _ = write_phased_study(data_dir, tmp_path)
+  specs = study_results.all_specs(study)
+  states = [study_runner.run_state(s) for s in specs]
+  rows = [study_results.collect_run(s) for s in specs]
+  study_lib.write_report(study, say=quiet)
+  tables = {n: (study.docs_dir / n).read_text()
+            for n in ('runs.csv', 'results.csv', 'results_table.md',
+                      'grad_variance.csv')}
+  calls = _faking_runner(study, monkeypatch)
+  study_runner.Runner(study, 1, quiet).run(
+      lambda: study_results.all_specs(study))
+  assert not calls
+
+  shutil.rmtree(study.output_dir)  # The new machine: no run folders.
+  assert study_results.all_specs(study) == specs
+  assert [study_runner.run_state(s) for s in specs] == states
+  assert [study_results.collect_run(s) for s in specs] == rows
+  runner = study_runner.Runner(study, 1, quiet)
+  runner.run(lambda: study_results.all_specs(study))
+  assert not calls
+  assert {r['status'] for r in runner.results.values()} == {'skipped'}
+  study_lib.write_report(study, say=quiet)
+  for name, text in tables.items():
+    assert (study.docs_dir / name).read_text() == text, name
+
+
+def test_the_ledger_holds_whole_copies_of_the_right_config(data_dir,
+                                                           tmp_path):
+  study = study_lib.parse_study(study_values(data_dir, tmp_path))
+  spec = study_config.sweep_specs(study)[0]
+  fake_run(spec, 4.5)
+  study_ledger.keep(spec.run_dir, spec.kept_dir)
+  shutil.rmtree(spec.run_dir)
+  assert study_runner.run_state(spec) == 'done'
+  assert study_runner.finished_dir(spec) == spec.kept_dir
+
+  fake_run(spec, 4.0)  # Kept again: the new copy replaces the old, whole.
+  (spec.run_dir / 'checkpoints').mkdir()
+  study_ledger.keep(spec.run_dir, spec.kept_dir)
+  assert sorted(p.name for p in spec.kept_dir.parent.iterdir()) == ['seed_0']
+  assert sorted(p.name for p in spec.kept_dir.iterdir()) == [
+      'config.yaml', 'metrics.jsonl', 'summary.json']
+  assert json.loads((spec.kept_dir / 'summary.json').read_text())[
+      'eval_loss'] == 4.0
+  assert study_runner.finished_dir(spec) == spec.run_dir  # its own first
+
+  shutil.rmtree(spec.run_dir)
+  changed = to_dict(spec.config)
+  changed['train']['steps'] += 1
+  (spec.kept_dir / 'config.yaml').write_text(yaml.safe_dump(changed))
+  assert study_runner.run_state(spec) == 'new'  # another config's run
+  assert study_runner.finished_dir(spec) is None
+  assert study_results.run_row(spec)['status'] == 'missing'
+
+
+def test_the_page_names_the_runs_restored_without_curves(phased_report):
+  study, _, _ = phased_report
+  rows = [study_results.collect_run(s) for s in study_results.all_specs(study)]
+  results = study_results.aggregate(rows, study)
+  info = study_report.setting(study)
+  page = study_page.results_page(study, results, info, [], None)
+  assert 'restored' not in page
+  restored = [{**r, 'restored_from': 'runs.csv of commit abc'}
+              for r in rows if r['status'] == 'done'][:3]
+  restored[0]['phase'] = 'long'
+  page = study_page.results_page(study, results, info, [], None,
+                                 restored=restored)
+  assert ('3 finished runs (1 of them long) are restored from runs.csv of '
+          'commit abc') in page
 
 
 def _stop_during_set_up(event, queue):

@@ -56,7 +56,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.estimate is not None:
     prepare_data(study, say)
     cost = estimate_study(study, args.estimate, say)
-    out = study.output_dir / 'estimate.json'
+    out = study.ledger_dir / 'estimate.json'  # Kept in git, as the runs.
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(cost, indent=2) + '\n')
     say(f'estimate: {out}')
     return 0

@@ -70,6 +70,12 @@ class Study:
                                  if n not in self.priority)
 
   @property
+  def ledger_dir(self) -> pathlib.Path:
+    """Where each finished run's small files are kept, in git
+    (:mod:`train.study.ledger`)."""
+    return self.docs_dir / 'ledger'
+
+  @property
   def final_phase(self) -> str:
     """The phase whose runs make the table (and get the finalist seeds)."""
     return self.phases[-1]
@@ -84,6 +90,7 @@ class RunSpec:
   seed: int
   run_dir: pathlib.Path
   config: Config
+  kept_dir: pathlib.Path  # Its copy in the ledger, once finished.
 
   @property
   def label(self) -> str:
@@ -281,9 +288,16 @@ def lr_tag(lr: float) -> str:
   return f'lr_{lr:g}'
 
 
+def run_path(phase: str, optimizer: str, lr: float, seed: int
+             ) -> pathlib.Path:
+  """A run's place in the study: ``<phase>/<optimizer>/lr_<lr>/seed_<seed>``,
+  under ``output_dir`` (its folder) and under the ledger (its kept files)."""
+  return pathlib.Path(phase, optimizer, lr_tag(lr), f'seed_{seed}')
+
+
 def run_dir(study: Study, phase: str, optimizer: str, lr: float, seed: int
             ) -> pathlib.Path:
-  return study.output_dir / phase / optimizer / lr_tag(lr) / f'seed_{seed}'
+  return study.output_dir / run_path(phase, optimizer, lr, seed)
 
 
 def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -348,7 +362,8 @@ def spec(study: Study, phase: str, optimizer: str, lr: float, seed: int
   """The run of ``optimizer`` at ``lr`` and ``seed`` in ``phase``."""
   return RunSpec(phase, optimizer, lr, seed,
                  run_dir(study, phase, optimizer, lr, seed),
-                 run_config(study, phase, optimizer, lr, seed))
+                 run_config(study, phase, optimizer, lr, seed),
+                 study.ledger_dir / run_path(phase, optimizer, lr, seed))
 
 
 def sweep_specs(study: Study) -> list[RunSpec]:

@@ -96,15 +96,19 @@ def _eval_curve(row):
 
 def plot_loss_curves(rows, results, info, path: pathlib.Path) -> pathlib.Path:
   """Eval loss against tokens, each optimizer at its best learning rate:
-  mean over seeds, the band spans the seeds' min and max."""
+  mean over the seeds whose curves are kept, the band spans their min and
+  max."""
   plt = _pyplot()
   best = best_runs(rows, results)
   finalists = {r['optimizer'] for r in results if r['finalist']}
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
   lows = []
   for name, runs in best.items():
+    # Runs restored without their curves (the ledger's README) have none.
+    runs = [r for r in runs if _eval_curve(r)]
     curves = [dict(_eval_curve(r)) for r in runs]
-    tokens = sorted(set.intersection(*(set(c) for c in curves)))
+    tokens = sorted(set.intersection(*(set(c) for c in curves))) if curves \
+        else []
     if not tokens:
       continue
     mean = [statistics.fmean(c[t] for c in curves) for t in tokens]

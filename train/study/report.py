@@ -247,10 +247,11 @@ def write_report(study: Study, rows: Optional[list[dict[str, Any]]] = None,
     table += '\n' + variance_markdown(vrows)
   paths['table_md'].write_text(table)
   paths['results_md'] = docs / 'results.md'
-  estimate = read_json(study.output_dir / 'estimate.json')
+  estimate = read_json(study.ledger_dir / 'estimate.json')
   paths['results_md'].write_text(results_page(
       study, results, info, vrows, estimate,
-      remaining(study, rows, estimate) if estimate else None))
+      remaining(study, rows, estimate) if estimate else None,
+      [r for r in rows if r.get('restored_from')]))
   paths['setting_json'].write_text(json.dumps(info, indent=2) + '\n')
   paths.update(plot_all(study, rows, results, info, docs))
   say(f'report: {", ".join(str(p) for p in paths.values())}')

@@ -18,30 +18,62 @@ from typing import Any, Callable, Optional
 import yaml
 
 from ..config import Config, build_config, to_dict
+from . import ledger
 from .config import RunSpec, Study
 
 
+FINISHED = ('done', 'diverged')
+
+
 def run_state(spec: RunSpec) -> str:
-  """``'done'``, ``'diverged'``, ``'partial'`` (resume) or ``'new'``.
+  """``'done'``, ``'diverged'``, ``'partial'`` (resume) or ``'new'``: the
+  state of the run's folder, or of its copy in the ledger when only that one
+  has finished (:mod:`train.study.ledger`; a fresh clone).
 
   ``'new'`` also covers a folder left by a run with a different config (it
   starts again from scratch: :func:`_clear_stale` empties it first).
   """
-  d = spec.run_dir
+  state = folder_state(spec.run_dir, spec.config)
+  if state in FINISHED:
+    return state
+  kept = folder_state(spec.kept_dir, spec.config)
+  return kept if kept in FINISHED else state
+
+
+def finished_dir(spec: RunSpec) -> Optional[pathlib.Path]:
+  """The folder holding the finished run's files: its own, else its copy in
+  the ledger; None before it has finished."""
+  for d in (spec.run_dir, spec.kept_dir):
+    if folder_state(d, spec.config) in FINISHED:
+      return d
+  return None
+
+
+def folder_state(d: pathlib.Path, config: Config) -> str:
+  """The state of the run of ``config`` from the files in ``d`` (a run
+  folder or its copy in the ledger)."""
   try:
     saved = yaml.safe_load((d / 'config.yaml').read_text())
   except (OSError, yaml.YAMLError):
     return 'new'
-  if not config_matches(saved, spec.config):
+  if not config_matches(saved, config):
     return 'new'
   summary = read_json(d / 'summary.json')
-  if (summary and summary.get('steps') == spec.config.train.steps
+  if (summary and summary.get('steps') == config.train.steps
       and not summary.get('stopped_by')
       and summary.get('eval_loss') is not None):
     return 'done'
   if read_json(d / 'failed.json'):
     return 'diverged'
   return 'partial'
+
+
+def keep_finished(spec: RunSpec) -> None:
+  """Copies a run that finished in its folder into the ledger, unless the
+  ledger has it already."""
+  if (folder_state(spec.run_dir, spec.config) in FINISHED
+      and folder_state(spec.kept_dir, spec.config) not in FINISHED):
+    ledger.keep(spec.run_dir, spec.kept_dir)
 
 
 def config_matches(saved: Any, config: Config) -> bool:
@@ -234,7 +266,8 @@ class Runner:
       if spec.run_dir in self.results or spec.run_dir in busy:
         continue
       state = run_state(spec)
-      if state in ('done', 'diverged'):
+      if state in FINISHED:
+        keep_finished(spec)  # Finished before the ledger knew of it.
         self.results[spec.run_dir] = {'status': 'skipped', 'state': state}
         self.say(f'[{self._phase(spec)}] {spec.label}: {state}, skipped')
         continue
@@ -255,6 +288,7 @@ class Runner:
               ) -> None:
     self.results[spec.run_dir] = {**result, 'state': state}
     self._trained += 1
+    keep_finished(spec)
     status = result['status']
     detail = ''
     if status in ('done', 'stopped') and (result.get('summary') or {}).get(
