@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -268,6 +269,8 @@ def test_cli_reports_a_bad_study_config(tmp_path, capsys):
 @pytest.mark.parametrize('args, message', [
     (['--jobs', '0'], '--jobs must be >= 1'),
     (['--estimate', '0'], '--estimate must time >= 1 steps'),
+    (['--hours', '0'], '--hours must be > 0'),
+    (['--hours', 'nan'], '--hours must be > 0'),
     (['--quick', '--config', 'x.yaml'], 'give either --quick or --config'),
 ])
 def test_cli_refuses_bad_arguments(args, message, capsys):
@@ -958,6 +961,37 @@ def test_the_page_names_the_runs_restored_without_curves(phased_report):
                                  restored=restored)
   assert ('3 finished runs (1 of them long) are restored from runs.csv of '
           'commit abc') in page
+
+
+def test_runs_that_would_end_past_the_deadline_are_deferred(
+    data_dir, tmp_path, monkeypatch):
+  study = study_lib.parse_study(phased_values(data_dir, tmp_path))
+  calls = _faking_runner(study, monkeypatch)
+  seconds = {'sweep': 60.0, 'long': 600.0}
+  runner = study_runner.Runner(study, 1, quiet, time.time() + 300,
+                               lambda spec: seconds[spec.phase])
+  runner.run(lambda: study_results.all_specs(study))
+  # Every sweep fits (one run after another, each checked when it starts);
+  # no long run does, and the plan goes on past them.
+  assert calls == [s.label for s in study_config.sweep_specs(study)]
+  deferred = {p for p, r in runner.results.items() if r['status'] == 'deferred'}
+  assert deferred == {s.run_dir for s in study_results.all_specs(study)
+                      if s.phase == 'long'} and len(deferred) == 8
+  calls.clear()
+  study_runner.Runner(study, 1, quiet, None,
+                      lambda spec: seconds[spec.phase]).run(
+                          lambda: study_results.all_specs(study))
+  assert len(calls) == 8 + 2 and not calls[0].startswith('sweep')
+
+
+def test_a_run_takes_its_phases_longest_finished_run():
+  rows = [{'phase': 'sweep', 'status': 'done', 'wall_s': 30.0},
+          {'phase': 'sweep', 'status': 'done', 'wall_s': 45.0},
+          {'phase': 'sweep', 'status': 'diverged', 'wall_s': None},
+          {'phase': 'long', 'status': 'missing', 'wall_s': None},
+          {'phase': 'long', 'status': 'done', 'wall_s': 400.0}]
+  assert study_results.longest_walls(rows) == {'sweep': 45.0, 'long': 400.0}
+  assert study_results.longest_walls(rows[3:4]) == {}
 
 
 def _stop_during_set_up(event, queue):

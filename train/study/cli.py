@@ -28,6 +28,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument('--jobs', type=int, default=1,
                       help='parallel trainer processes (default 1: in '
                       'sequence, in this process)')
+  parser.add_argument('--hours', type=float, default=None,
+                      help='start only the runs expected to end within this '
+                      'many hours (a run takes as long as its phase\'s '
+                      'longest finished run) and leave the others to the next '
+                      'call: a run cut short on this machine is lost on '
+                      'another')
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument('--report-only', action='store_true',
                     help='only rewrite the report from the finished runs')
@@ -45,6 +51,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     raise UsageError('give either --quick or --config')
   if args.jobs < 1:
     raise UsageError(f'--jobs must be >= 1, got {args.jobs}')
+  if args.hours is not None and not args.hours > 0:
+    raise UsageError(f'--hours must be > 0, got {args.hours}')
   if args.estimate is not None and args.estimate < 1:
     raise UsageError(f'--estimate must time >= 1 steps, got {args.estimate}')
   path = QUICK_CONFIG if args.quick else (args.config or DEFAULT_CONFIG)
@@ -61,5 +69,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.write_text(json.dumps(cost, indent=2) + '\n')
     say(f'estimate: {out}')
     return 0
-  outcome = run_study(study, jobs=args.jobs, say=say)
-  return 1 if outcome['errors'] or outcome['stopped'] else 0
+  outcome = run_study(study, jobs=args.jobs, say=say, hours=args.hours)
+  return 1 if (outcome['errors'] or outcome['stopped']
+               or outcome['deferred']) else 0

@@ -38,6 +38,17 @@ def run_row(run: RunSpec) -> dict[str, Any]:
   return row
 
 
+def longest_walls(rows: list[dict[str, Any]]) -> dict[str, float]:
+  """Per phase, the longest wall time (s) of its finished runs: a run's
+  expected time, on the safe side (a resumed run's summary counts only its
+  last part)."""
+  out: dict[str, float] = {}
+  for r in rows:
+    if r['status'] == 'done' and r['wall_s']:
+      out[r['phase']] = max(out.get(r['phase'], 0.0), r['wall_s'])
+  return out
+
+
 def memory_mb(row: dict[str, Any]) -> float:
   """Weights + optimizer state of a run (or aggregated) row, in MB (1e6
   bytes): the paper's memory column."""

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..config import to_dict
 from .config import SWEEP, Study, run_config
 from .report import write_report
-from .results import all_specs, best_learning_rates, collect_run
+from .results import (all_specs, best_learning_rates, collect_run,
+                      longest_walls, run_row)
 from .runner import Runner, read_json
 
 
@@ -51,20 +52,35 @@ def prepare_data(study: Study, say: Callable[..., None]) -> dict[str, Any]:
 
 
 def run_study(study: Study, jobs: int = 1,
-              say: Callable[..., None] = print) -> dict[str, Any]:
+              say: Callable[..., None] = print,
+              hours: Optional[float] = None) -> dict[str, Any]:
   """Runs (or resumes) the study and writes its report.
 
+  With ``hours``, starts only the runs expected to end within that time
+  (each phase's longest finished run: :func:`results.longest_walls`) and
+  defers the others to the next call.
+
   Returns ``{'results': {run_dir: result}, 'report': {name: path},
-  'errors': n, 'stopped': bool, 'wall_s': seconds}``.
+  'errors': n, 'deferred': n, 'stopped': bool, 'wall_s': seconds}``.
   """
   t0 = time.time()
   if jobs < 1:
     raise ValueError(f'jobs must be >= 1, got {jobs}.')
+  if hours is not None and not hours > 0:
+    raise ValueError(f'hours must be > 0, got {hours}.')
   say(f'study {study.title}: phases {", ".join(study.phases)}, optimizers in '
       f'the order {", ".join(study.order)}, output in {study.output_dir}, '
       f'report in {study.docs_dir}')
   prepare_data(study, say)
-  runner = Runner(study, jobs, say)
+  deadline = t0 + hours * 3600 if hours else None
+  longest = longest_walls([run_row(s) for s in all_specs(study)])
+  if deadline:
+    say(f'runs that would end after {time.strftime("%H:%M", time.localtime(deadline))} '
+        'are deferred; expected run times (the longest finished run): '
+        + (', '.join(f'{phase} {s / 60:.0f} min'
+                     for phase, s in longest.items()) or 'none yet'))
+  runner = Runner(study, jobs, say, deadline,
+                  lambda spec: longest.get(spec.phase))
   runner.run(lambda: all_specs(study))
   rows = [collect_run(s) for s in all_specs(study)]
   best = best_learning_rates(rows, study, study.final_phase)
@@ -72,9 +88,11 @@ def run_study(study: Study, jobs: int = 1,
       f'{n} {lr:g}' for n, lr in best.items()))
   report = write_report(study, rows, say)
   errors = sum(r['status'] == 'error' for r in runner.results.values())
+  deferred = sum(r['status'] == 'deferred' for r in runner.results.values())
   wall = time.time() - t0
   say(f'study {study.title}: {"stopped" if runner.stopped else "done"} in '
       f'{wall / 60:.1f} min'
-      f'{f", {errors} run(s) failed with errors" if errors else ""}')
+      f'{f", {errors} run(s) failed with errors" if errors else ""}'
+      f'{f", {deferred} run(s) deferred to the next call" if deferred else ""}')
   return {'results': runner.results, 'report': report, 'errors': errors,
-          'stopped': runner.stopped, 'wall_s': wall}
+          'deferred': deferred, 'stopped': runner.stopped, 'wall_s': wall}

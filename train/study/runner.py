@@ -190,10 +190,19 @@ class Runner:
 
   ``results`` maps each run folder to its outcome; ``stopped`` turns true on
   SIGTERM / Ctrl-C (running trainers save a checkpoint, nothing new starts).
+  With a ``deadline`` (``time.time()`` seconds), a run whose ``run_time``
+  (seconds; None: unknown) would end after it is not started (``'deferred'``);
+  later runs of the plan that fit still are. A run cut short is lost when
+  the next call is on another machine (:mod:`train.study.ledger`), so this
+  spends a limited time on runs that end.
   """
 
-  def __init__(self, study: Study, jobs: int, say: Callable[..., None]):
+  def __init__(self, study: Study, jobs: int, say: Callable[..., None],
+               deadline: Optional[float] = None,
+               run_time: Callable[[RunSpec], Optional[float]] = (
+                   lambda spec: None)):
     self.study, self.jobs, self.say = study, jobs, say
+    self.deadline, self.run_time = deadline, run_time
     self.results: dict[pathlib.Path, dict[str, Any]] = {}
     self.stopped = False
     self._trained = 0
@@ -270,6 +279,13 @@ class Runner:
         keep_finished(spec)  # Finished before the ledger knew of it.
         self.results[spec.run_dir] = {'status': 'skipped', 'state': state}
         self.say(f'[{self._phase(spec)}] {spec.label}: {state}, skipped')
+        continue
+      seconds = self.run_time(spec)
+      if (self.deadline is not None and seconds is not None
+          and time.time() + seconds > self.deadline):
+        self.results[spec.run_dir] = {'status': 'deferred', 'state': state}
+        self.say(f'[{self._phase(spec)}] {spec.label}: deferred (about '
+                 f'{seconds / 60:.0f} min would end past the deadline)')
         continue
       self.say(f'[{self._phase(spec)}] {spec.label}: '
                f'{"resuming" if state == "partial" else "starting"}')
