@@ -104,7 +104,8 @@ def plot_loss_curves(rows, results, info, path: pathlib.Path) -> pathlib.Path:
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
   lows = []
   for name, runs in best.items():
-    # Runs restored without their curves (the ledger's README) have none.
+    # Runs restored from an earlier report's tables have no curves
+    # (page.restored_lines).
     runs = [r for r in runs if _eval_curve(r)]
     curves = [dict(_eval_curve(r)) for r in runs]
     tokens = sorted(set.intersection(*(set(c) for c in curves))) if curves \

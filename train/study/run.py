@@ -75,10 +75,11 @@ def run_study(study: Study, jobs: int = 1,
   deadline = t0 + hours * 3600 if hours else None
   longest = longest_walls([run_row(s) for s in all_specs(study)])
   if deadline:
-    say(f'runs that would end after {time.strftime("%H:%M", time.localtime(deadline))} '
-        'are deferred; expected run times (the longest finished run): '
-        + (', '.join(f'{phase} {s / 60:.0f} min'
-                     for phase, s in longest.items()) or 'none yet'))
+    end = time.strftime('%H:%M', time.localtime(deadline))
+    times = ', '.join(f'{phase} {s / 60:.0f} min'
+                      for phase, s in longest.items())
+    say(f'runs that would end after {end} are deferred; expected run times '
+        f'(the longest finished run): {times or "none yet"}')
   runner = Runner(study, jobs, say, deadline,
                   lambda spec: longest.get(spec.phase))
   runner.run(lambda: all_specs(study))
