@@ -5,8 +5,8 @@
 #   bash tools/gpu_study.sh prepare
 # fetches tools/gpu_wheels.txt as CPython 3.12 wheels into .whl/, builds the
 # data set and the study's tokenizer into data_cache/, and counts its tokens
-# into runs/study_gpu/study.json, so the lent machine spends its minutes on
-# training. Then, on the lent machine:
+# into runs/study_gpu/docs/ledger/study.json, so the lent machine spends its
+# minutes on training. Then, on the lent machine:
 #   run(command="bash tools/gpu_study.sh run", timeout_s=600,
 #       carry=[".whl", "data_cache", "runs/study_gpu"])
 # installs the wheels, trains the study for at most STUDY_SECONDS (default

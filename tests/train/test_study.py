@@ -105,6 +105,7 @@ def test_two_run_grid_runs_resumes_and_reports(data_dir, tmp_path):
   # A half-finished run (no summary, checkpoint kept) resumes, not restarts.
   scale_dir = tmp_path / 'runs' / 'sweep' / 'scale' / 'lr_0.003' / 'seed_0'
   (scale_dir / 'summary.json').unlink()
+  shutil.rmtree(study.ledger_dir / 'sweep')  # Else its kept copy counts.
   out = study_lib.run_study(study, say=quiet)
   result = out['results'][scale_dir]
   assert (result['status'], result['state']) == ('done', 'partial')
@@ -947,6 +948,22 @@ def test_the_ledger_holds_whole_copies_of_the_right_config(data_dir,
   assert study_results.run_row(spec)['status'] == 'missing'
 
 
+def test_a_clone_with_other_folders_keeps_the_ledgers_runs(data_dir,
+                                                            tmp_path):
+  study = study_lib.parse_study(study_values(data_dir, tmp_path))
+  spec = study_config.sweep_specs(study)[0]
+  fake_run(spec, 4.5)
+  study_ledger.keep(spec.run_dir, spec.kept_dir)
+  base = copy.deepcopy(BASE)
+  base['data']['data_dir'] = str(tmp_path / 'elsewhere' / 'data')
+  moved = study_lib.parse_study(study_values(
+      data_dir, tmp_path, base=base, output_dir=str(tmp_path / 'other_runs')))
+  spec2 = study_config.sweep_specs(moved)[0]
+  assert spec2.kept_dir == spec.kept_dir and spec2.run_dir != spec.run_dir
+  assert study_runner.run_state(spec2) == 'done'
+  assert study_results.run_row(spec2)['eval_loss'] == 4.5
+
+
 def test_the_page_names_the_runs_restored_without_curves(phased_report):
   study, _, _ = phased_report
   rows = [study_results.collect_run(s) for s in study_results.all_specs(study)]
@@ -984,14 +1001,38 @@ def test_runs_that_would_end_past_the_deadline_are_deferred(
   assert len(calls) == 8 + 2 and not calls[0].startswith('sweep')
 
 
-def test_a_run_takes_its_phases_longest_finished_run():
-  rows = [{'phase': 'sweep', 'status': 'done', 'wall_s': 30.0},
-          {'phase': 'sweep', 'status': 'done', 'wall_s': 45.0},
-          {'phase': 'sweep', 'status': 'diverged', 'wall_s': None},
-          {'phase': 'long', 'status': 'missing', 'wall_s': None},
-          {'phase': 'long', 'status': 'done', 'wall_s': 400.0}]
-  assert study_results.longest_walls(rows) == {'sweep': 45.0, 'long': 400.0}
-  assert study_results.longest_walls(rows[3:4]) == {}
+def test_a_run_is_expected_to_take_its_phases_longest_finished_run(
+    data_dir, tmp_path):
+  study = study_lib.parse_study(phased_values(data_dir, tmp_path))
+  sweep = study_config.spec(study, 'sweep', 'scale', 1e-3, 0)  # 4 steps
+  long = study_config.spec(study, 'long', 'scale', 1e-3, 0)    # 8 steps
+  rows = [{'phase': 'sweep', 'status': 'done', 'wall_s': 30.0, 'steps': 4},
+          {'phase': 'sweep', 'status': 'done', 'wall_s': 45.0, 'steps': 3},
+          {'phase': 'sweep', 'status': 'diverged', 'wall_s': None,
+           'steps': None},
+          {'phase': 'long', 'status': 'missing', 'wall_s': None,
+           'steps': None}]
+  assert study_results.expected_seconds(sweep, rows) == 45.0
+  # No long run has finished: the slowest step (15 s, a resumed run's
+  # part) times its 8 steps.
+  assert study_results.expected_seconds(long, rows) == 120.0
+  rows.append({'phase': 'long', 'status': 'done', 'wall_s': 70.0, 'steps': 8})
+  assert study_results.expected_seconds(long, rows) == 70.0
+  assert study_results.expected_seconds(long, rows[2:4]) is None
+
+
+def test_a_deferred_run_ends_the_call_with_status_3(data_dir, tmp_path,
+                                                    monkeypatch):
+  study, _ = write_phased_study(data_dir, tmp_path)
+  last = study_results.all_specs(study)[-1]  # a finalist's seed
+  shutil.rmtree(last.run_dir)
+  calls = _faking_runner(study, monkeypatch)
+  path = tmp_path / 'study.yaml'
+  path.write_text(yaml.safe_dump(phased_values(data_dir, tmp_path)))
+  assert study_lib.main(['--config', str(path), '--hours', '1e-6']) == 3
+  assert not calls
+  assert study_lib.main(['--config', str(path)]) == 0
+  assert calls == [last.label]
 
 
 def _stop_during_set_up(event, queue):

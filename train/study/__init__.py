@@ -36,11 +36,13 @@ equals the run's config is finished and skipped; a diverged run
 (``failed.json``) is skipped too; a half-finished run resumes from its
 checkpoint; a run whose config changed starts again. A finished run's
 ``config.yaml``, ``summary.json`` (or ``failed.json``) and ``metrics.jsonl``
-are also kept in ``<docs_dir>/ledger/`` (in git), so a fresh clone on another
-machine resumes the study too, less the runs that were part way. The report
-is written from whatever runs are finished (``--report-only`` rewrites it),
-and ``--estimate`` times each optimizer's steps and prints the study's total
-CPU time (kept in the ledger as ``estimate.json``). Modules: ``config`` (the
+are also kept in ``<docs_dir>/ledger/`` (in git for the default study), so a
+fresh clone on another machine resumes the study too, less the runs that
+were part way; ``--hours H`` starts only the runs expected to end in time.
+The report is written from whatever runs are finished (``--report-only``
+rewrites it), and ``--estimate`` times each optimizer's steps and prints the
+study's total CPU time (kept in the ledger as ``estimate.json``, beside the
+data set's counts, ``study.json``). Modules: ``config`` (the
 YAML and each run's trainer config), ``runner`` (run state on disk,
 running), ``ledger`` (the kept copies), ``results`` (rows, best rates,
 phases), ``report`` and ``plots`` (tables, figures), ``page``

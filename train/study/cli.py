@@ -32,8 +32,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       help='start only the runs expected to end within this '
                       'many hours (a run takes as long as its phase\'s '
                       'longest finished run) and leave the others to the next '
-                      'call: a run cut short on this machine is lost on '
-                      'another')
+                      'call, which then exits 3: a run cut short on this '
+                      'machine is lost on another')
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument('--report-only', action='store_true',
                     help='only rewrite the report from the finished runs')
@@ -70,5 +70,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     say(f'estimate: {out}')
     return 0
   outcome = run_study(study, jobs=args.jobs, say=say, hours=args.hours)
-  return 1 if (outcome['errors'] or outcome['stopped']
-               or outcome['deferred']) else 0
+  if outcome['errors'] or outcome['stopped']:
+    return 1
+  return 3 if outcome['deferred'] else 0

@@ -7,7 +7,10 @@ the plan and make the report: ``config.yaml``, ``summary.json`` (or
 diverged) the runner copies those into ``<docs_dir>/ledger/<phase>/<optimizer>/
 lr_<lr>/seed_<seed>/``, so a fresh clone on a new machine resumes the study
 where it stopped: its finished runs read from the ledger, and only the runs
-that were part way start again.
+that were part way start again. The data set's counts (``study.json``) and the
+measured cost (``estimate.json``) are kept there too. (In git, that is, for
+``configs/study.yaml``; the quick and GPU studies keep theirs under the
+ignored ``runs/``.)
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ KEPT = ('config.yaml', 'summary.json', 'failed.json', 'metrics.jsonl')
 def keep(run_dir: pathlib.Path, kept_dir: pathlib.Path) -> None:
   """Copies the :data:`KEPT` files of ``run_dir`` into ``kept_dir``, in place
   of what was there: whole or not at all (written beside, then renamed), so
-  a kill part way leaves the old copy or none, never a mix."""
+  a kill part way leaves at ``kept_dir`` the old copy or none, never a mix;
+  the ``.tmp`` or ``.old`` folder it may leave beside it is never read as a
+  run, and the next keep of that run removes it."""
   tmp = kept_dir.with_name(kept_dir.name + '.tmp')
   old = kept_dir.with_name(kept_dir.name + '.old')
   shutil.rmtree(tmp, ignore_errors=True)

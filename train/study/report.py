@@ -228,7 +228,7 @@ def write_report(study: Study, rows: Optional[list[dict[str, Any]]] = None,
     rows = [collect_run(s) for s in all_specs(study)]
   results = aggregate(rows, study)
   info = setting(study)
-  meta = read_json(study.output_dir / 'study.json') or {}
+  meta = read_json(study.ledger_dir / 'study.json') or {}
   for key in ('unigram_perplexity', 'train_tokens'):
     if meta.get(key):
       info[key] = meta[key]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import pathlib
 import statistics
-from typing import Any
+from typing import Any, Optional
 
 from ..metrics import read_records
 from .config import LONG, SWEEP, RunSpec, Study, spec, sweep_specs
@@ -38,15 +38,23 @@ def run_row(run: RunSpec) -> dict[str, Any]:
   return row
 
 
-def longest_walls(rows: list[dict[str, Any]]) -> dict[str, float]:
-  """Per phase, the longest wall time (s) of its finished runs: a run's
-  expected time, on the safe side (a resumed run's summary counts only its
-  last part)."""
-  out: dict[str, float] = {}
-  for r in rows:
-    if r['status'] == 'done' and r['wall_s']:
-      out[r['phase']] = max(out.get(r['phase'], 0.0), r['wall_s'])
-  return out
+def expected_seconds(spec: RunSpec, rows: list[dict[str, Any]]
+                     ) -> Optional[float]:
+  """How long ``spec`` is expected to take: the longest wall time of a
+  finished run of its phase, else the longest wall time per step of any
+  finished run times its steps; None before any run has finished.
+
+  Measured as those runs ran (the same ``--jobs`` keeps it a fair guess); a
+  resumed run's summary counts only its last part, which the maximum
+  discounts.
+  """
+  done = [r for r in rows if r['status'] == 'done' and r['wall_s']]
+  same = [r['wall_s'] for r in done if r['phase'] == spec.phase]
+  if same:
+    return max(same)
+  if done:
+    return max(r['wall_s'] / r['steps'] for r in done) * spec.config.train.steps
+  return None
 
 
 def memory_mb(row: dict[str, Any]) -> float:

@@ -12,18 +12,18 @@ from ..config import to_dict
 from .config import SWEEP, Study, run_config
 from .report import write_report
 from .results import (all_specs, best_learning_rates, collect_run,
-                      longest_walls, run_row)
+                      expected_seconds, run_row)
 from .runner import Runner, read_json
 
 
 def prepare_data(study: Study, say: Callable[..., None]) -> dict[str, Any]:
   """Builds the data set and tokenizer once, before any run (workers race
   otherwise); records the unigram baseline and the splits' token counts in
-  ``<output_dir>/study.json``, and says when runs repeat the training data."""
+  the ledger's ``study.json``, and says when runs repeat the training data."""
   from .. import data as data_lib  # pylint: disable=g-import-not-at-top
   name, rates = next(iter(study.optimizers.items()))
   config = run_config(study, SWEEP, name, rates[0], study.seeds[0])
-  meta_path = study.output_dir / 'study.json'
+  meta_path = study.ledger_dir / 'study.json'
   meta = read_json(meta_path) or {}
   dataset = data_lib.prepare(config.data, config.model.vocab_size)
   key = {'data': to_dict(config)['data'], 'vocab': config.model.vocab_size}
@@ -36,7 +36,7 @@ def prepare_data(study: Study, say: Callable[..., None]) -> dict[str, Any]:
         'eval_split_tokens': int(data_lib.token_counts(
             dataset, dataset.eval_split, None).sum()),
     }
-    study.output_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta, indent=2))
   say(f'data: {config.data.name} in {config.data.data_dir}, '
       f'{meta["train_tokens"]:,} training tokens, unigram perplexity '
@@ -57,8 +57,7 @@ def run_study(study: Study, jobs: int = 1,
   """Runs (or resumes) the study and writes its report.
 
   With ``hours``, starts only the runs expected to end within that time
-  (each phase's longest finished run: :func:`results.longest_walls`) and
-  defers the others to the next call.
+  (:func:`results.expected_seconds`) and defers the others to the next call.
 
   Returns ``{'results': {run_dir: result}, 'report': {name: path},
   'errors': n, 'deferred': n, 'stopped': bool, 'wall_s': seconds}``.
@@ -73,15 +72,11 @@ def run_study(study: Study, jobs: int = 1,
       f'report in {study.docs_dir}')
   prepare_data(study, say)
   deadline = t0 + hours * 3600 if hours else None
-  longest = longest_walls([run_row(s) for s in all_specs(study)])
   if deadline:
-    end = time.strftime('%H:%M', time.localtime(deadline))
-    times = ', '.join(f'{phase} {s / 60:.0f} min'
-                      for phase, s in longest.items())
-    say(f'runs that would end after {end} are deferred; expected run times '
-        f'(the longest finished run): {times or "none yet"}')
-  runner = Runner(study, jobs, say, deadline,
-                  lambda spec: longest.get(spec.phase))
+    say(f'runs that would end after '
+        f'{time.strftime("%H:%M", time.localtime(deadline))} are deferred')
+  runner = Runner(study, jobs, say, deadline, lambda spec: expected_seconds(
+      spec, [run_row(s) for s in all_specs(study)]))
   runner.run(lambda: all_specs(study))
   rows = [collect_run(s) for s in all_specs(study)]
   best = best_learning_rates(rows, study, study.final_phase)

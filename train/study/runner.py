@@ -28,7 +28,8 @@ FINISHED = ('done', 'diverged')
 def run_state(spec: RunSpec) -> str:
   """``'done'``, ``'diverged'``, ``'partial'`` (resume) or ``'new'``: the
   state of the run's folder, or of its copy in the ledger when only that one
-  has finished (:mod:`train.study.ledger`; a fresh clone).
+  has finished (:mod:`train.study.ledger`; a fresh clone). A finished copy
+  wins over a folder part way: the run is not trained again.
 
   ``'new'`` also covers a folder left by a run with a different config (it
   starts again from scratch: :func:`_clear_stale` empties it first).
@@ -76,12 +77,18 @@ def keep_finished(spec: RunSpec) -> None:
     ledger.keep(spec.run_dir, spec.kept_dir)
 
 
+# Where a run's files and its data lie on a machine, not what it trains: a
+# clone with another `output_dir` or data cache still has the ledger's runs.
+LOCATIONS = (('train', 'run_dir'), ('data', 'data_dir'))
+
+
 def config_matches(saved: Any, config: Config) -> bool:
   """Whether a run's saved ``config.yaml`` describes ``config``.
 
   Keys or sections the saved config lacks (added to the trainer after the
   run) match when ``config`` has their default; keys it has that the trainer
-  no longer knows are ignored. Every other value must be equal.
+  no longer knows are ignored, and so are the :data:`LOCATIONS`. Every other
+  value must be equal.
   """
   if not isinstance(saved, dict):
     return False
@@ -91,6 +98,8 @@ def config_matches(saved: Any, config: Config) -> bool:
     if not isinstance(old, dict):
       return False
     for key, value in values.items():
+      if (section, key) in LOCATIONS:
+        continue
       if (old[key] if key in old else default[section][key]) != value:
         return False
   return True
@@ -211,8 +220,9 @@ class Runner:
     """Trains every run ``plan()`` lists, in its order, calling it again
     whenever a run ends (a finished run can decide new ones).
 
-    Runs already finished on disk are skipped; each run is tried at most
-    once per call (a run that fails with an error is not retried).
+    Runs already finished (in their folder or the ledger) are skipped;
+    each run is tried at most once per call (a run that fails with an error
+    is not retried, a deferred one waits for the next call).
     """
     if self.jobs == 1:
       while not self.stopped and (item := self._next(plan, set())):
