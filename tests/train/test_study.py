@@ -919,12 +919,18 @@ def test_a_fresh_clone_resumes_from_the_ledger(data_dir, tmp_path,
     assert (study.docs_dir / name).read_text() == text, name
 
 
-def test_the_ledger_holds_whole_copies_of_the_right_config(data_dir,
-                                                           tmp_path):
+def kept_run(data_dir, tmp_path):
+  """A finished sweep run (eval loss 4.5), kept in the ledger."""
   study = study_lib.parse_study(study_values(data_dir, tmp_path))
   spec = study_config.sweep_specs(study)[0]
   fake_run(spec, 4.5)
   study_ledger.keep(spec.run_dir, spec.kept_dir)
+  return spec
+
+
+def test_the_ledger_holds_whole_copies_of_the_right_config(data_dir,
+                                                           tmp_path):
+  spec = kept_run(data_dir, tmp_path)
   shutil.rmtree(spec.run_dir)
   assert study_runner.run_state(spec) == 'done'
   assert study_runner.finished_dir(spec) == spec.kept_dir
@@ -950,10 +956,7 @@ def test_the_ledger_holds_whole_copies_of_the_right_config(data_dir,
 
 def test_a_clone_with_other_folders_keeps_the_ledgers_runs(data_dir,
                                                             tmp_path):
-  study = study_lib.parse_study(study_values(data_dir, tmp_path))
-  spec = study_config.sweep_specs(study)[0]
-  fake_run(spec, 4.5)
-  study_ledger.keep(spec.run_dir, spec.kept_dir)
+  spec = kept_run(data_dir, tmp_path)
   base = copy.deepcopy(BASE)
   base['data']['data_dir'] = str(tmp_path / 'elsewhere' / 'data')
   moved = study_lib.parse_study(study_values(
