@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from ..metrics import read_records
 from .config import LONG, SWEEP, RunSpec, Study, spec, sweep_specs
-from .runner import FINISHED, finished_dir, read_json, run_state
+from .runner import FINISHED, locate, read_json
 
 
 def records(run_dir_path: pathlib.Path) -> list[dict[str, Any]]:
@@ -22,13 +22,16 @@ def run_row(run: RunSpec) -> dict[str, Any]:
   """The run's status and ``summary.json`` figures (None before it is done):
   what the plan needs, without reading its curves. A finished run reads from
   its folder, else from its copy in the ledger."""
-  state = run_state(run)
+  return _row(run, *locate(run))
+
+
+def _row(run: RunSpec, state: str, where: Optional[pathlib.Path]
+         ) -> dict[str, Any]:
   row: dict[str, Any] = {
       'phase': run.phase, 'optimizer': run.optimizer,
       'learning_rate': run.learning_rate, 'seed': run.seed,
       'status': state if state in FINISHED else 'missing'}
-  summary = (read_json(finished_dir(run) / 'summary.json')
-             if state == 'done' else None)
+  summary = read_json(where / 'summary.json') if state == 'done' else None
   for key in ('steps', 'tokens', 'eval_loss', 'eval_perplexity',
               'opt_state_bytes', 'param_bytes', 'tokens_per_s', 'wall_s'):
     row[key] = summary[key] if summary else None
@@ -66,8 +69,9 @@ def memory_mb(row: dict[str, Any]) -> float:
 def collect_run(run: RunSpec) -> dict[str, Any]:
   """One row of ``runs.csv``: :func:`run_row` plus the last train loss (and
   the run's curves under ``'records'``)."""
-  row = run_row(run)
-  recs = records(finished_dir(run)) if row['status'] != 'missing' else []
+  state, where = locate(run)
+  row = _row(run, state, where)
+  recs = records(where) if where else []
   train_losses = [r['loss'] for r in recs if r.get('kind') == 'train'
                   and not r.get('skipped')]
   row.update(final_train_loss=train_losses[-1] if train_losses else None,

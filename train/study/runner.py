@@ -34,20 +34,25 @@ def run_state(spec: RunSpec) -> str:
   ``'new'`` also covers a folder left by a run with a different config (it
   starts again from scratch: :func:`_clear_stale` empties it first).
   """
-  state = folder_state(spec.run_dir, spec.config)
-  if state in FINISHED:
-    return state
-  kept = folder_state(spec.kept_dir, spec.config)
-  return kept if kept in FINISHED else state
+  return locate(spec)[0]
 
 
 def finished_dir(spec: RunSpec) -> Optional[pathlib.Path]:
   """The folder holding the finished run's files: its own, else its copy in
   the ledger; None before it has finished."""
-  for d in (spec.run_dir, spec.kept_dir):
-    if folder_state(d, spec.config) in FINISHED:
-      return d
-  return None
+  return locate(spec)[1]
+
+
+def locate(spec: RunSpec) -> tuple[str, Optional[pathlib.Path]]:
+  """:func:`run_state` and :func:`finished_dir` together, reading each
+  folder's files once."""
+  state = folder_state(spec.run_dir, spec.config)
+  if state in FINISHED:
+    return state, spec.run_dir
+  kept = folder_state(spec.kept_dir, spec.config)
+  if kept in FINISHED:
+    return kept, spec.kept_dir
+  return state, None
 
 
 def folder_state(d: pathlib.Path, config: Config) -> str:
