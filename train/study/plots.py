@@ -102,7 +102,7 @@ def plot_loss_curves(rows, results, info, path: pathlib.Path) -> pathlib.Path:
   best = best_runs(rows, results)
   finalists = {r['optimizer'] for r in results if r['finalist']}
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-  lows = []
+  lows, finals = [], []  # Of the curves drawn: their lowest and last points.
   for name, runs in best.items():
     # Runs restored from an earlier report's tables have no curves
     # (page.restored_lines).
@@ -116,6 +116,7 @@ def plot_loss_curves(rows, results, info, path: pathlib.Path) -> pathlib.Path:
     lo = [min(c[t] for c in curves) for t in tokens]
     hi = [max(c[t] for c in curves) for t in tokens]
     lows.append(min(lo))
+    finals.append(mean[-1])
     is_final = name in finalists
     text = (f'{label(name)} (lr {runs[0]["learning_rate"]:g}, '
             f'{len(runs)} seed{"s" if len(runs) > 1 else ""})')
@@ -136,9 +137,7 @@ def plot_loss_curves(rows, results, info, path: pathlib.Path) -> pathlib.Path:
                     '(solid: finalists; band: min-max over seeds)', fontsize=9)
   half = info['tokens'] * 0.4
   axes[1].set_xlim(half, info['tokens'] * 1.02)
-  finals = [statistics.fmean(r['eval_loss'] for r in runs)
-            for runs in best.values()]
-  if lows and finals:
+  if lows:
     top = sorted(finals)[min(len(finals) - 1, max(len(finals) // 2, 3))]
     axes[1].set_ylim(min(lows) - 0.05, top + 0.6)
   axes[1].set_title('Zoom: the last 60% of the tokens', fontsize=9)
