@@ -17,8 +17,9 @@ from train.study.plots import label
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 _SWEEP = re.compile(r'^(?P<rate>[0-9.e-]+) \((?P<ppl>[0-9.]+)\)$')
-_LONG = re.compile(r'^(?P<bold>\*\*)?(?P<rate>[0-9.e-]+): (?P<ppl>[0-9.]+|'
-                   r'diverged)(?(bold)\*\*)(?P<note> \(the walk\))?$')
+_LONG = re.compile(r'^(?P<bold>\*\*)?(?P<rate>[0-9.e-]+): (?P<ppl>[0-9.]+'
+                   r'(?: ± [0-9.]+)?|diverged)(?(bold)\*\*)'
+                   r'(?P<note> \(the walk\))?$')
 
 
 def readme_rows(text: str) -> list[list[str]]:
@@ -49,7 +50,8 @@ def lookup(report, phase: str, name: str, rate: float) -> dict[str, str]:
 def long_cell(cell: str, name: str, report) -> set[float]:
   """Checks a long-runs cell against the report; the rates it names.
 
-  The cell lists finished runs (``rate: perplexity``), then, for an
+  The cell lists finished runs (``rate: perplexity``; ``rate: mean ± std``
+  where the rate has more than one seed, a finalist's best), then, for an
   unfinished row, ``under way: rate, ...``, the two parts joined by '; ';
   it is '—' before the first long run.
   """
@@ -71,8 +73,10 @@ def long_cell(cell: str, name: str, report) -> set[float]:
     if m['ppl'] == 'diverged':
       assert row['n_diverged'] != '0', f'{name} {rate}: {row}'
     else:
-      assert format_ppl(float(row['eval_ppl_mean']), None) == m['ppl'], (
-          name, rate)
+      std = float(row['eval_ppl_std']) if row['eval_ppl_std'] else None
+      assert format_ppl(float(row['eval_ppl_mean']), std) == m['ppl'], (
+          f'{name} {rate}: {m["ppl"]} (mean ± std over its seeds) in the '
+          'README')
     assert (row['best_lr'] == 'True') == bool(m['bold']), (
         f'{name}: bold must mark the best long rate ({entry})')
     rates.add(rate)
@@ -111,6 +115,7 @@ def test_readme_table_matches_the_report():
 @pytest.mark.parametrize('entry, ok', [
     ('1e-3: 106.01', True), ('**3e-3: 105.31**', True),
     ('3e-4: 134.67 (the walk)', True), ('1e-2: diverged', True),
+    ('**3e-3: 71.07 ± 0.52**', True), ('3e-3: 71.07 ±', False),
     ('3e-3: 105.31**', False), ('**3e-3: 105.31', False),
     ('3e-3 105.31', False)])
 def test_long_entries_are_read_strictly(entry, ok):
