@@ -731,6 +731,63 @@ def test_what_is_left_counts_unplanned_long_runs_and_finalists(data_dir,
   assert left() is None
 
 
+def test_spent_prices_the_finished_runs_by_kind(data_dir, tmp_path):
+  """What the study cost, walks and finalists' seeds included: once whole,
+  what it costs from scratch."""
+  grid = [1e-3, 3e-3, 1e-2]
+  study = study_lib.parse_study(study_values(
+      data_dir, tmp_path, optimizers={'scale': grid, 'adamw': grid},
+      sweep={'steps': 4}, long={'steps': 8, 'eval_every': 4, 'neighbours': 1},
+      finalists={'always': ['scale'], 'top': 0, 'seeds': [1]}))
+  estimate = {
+      'optimizers': {'scale': {'sweep_run_cpu_s': 10, 'long_run_cpu_s': 100},
+                     'adamw': {'sweep_run_cpu_s': 20, 'long_run_cpu_s': 200}},
+      'finalist_runs': 1, 'finalist_run_cpu_s': 150}
+
+  def cost():
+    rows = [study_results.run_row(s)
+            for s in study_results.all_specs(study)]
+    return study_estimate.spent(study, rows, estimate)
+
+  assert cost() == {}
+  for s in study_config.sweep_specs(study):
+    fake_run(s, 4.0 if s.learning_rate == 1e-3 else 5.0)
+  assert cost() == {'sweep': (6, 3 * 10 + 3 * 20)}
+  # The best sweep rate, 1e-3, and its neighbour run long; 3e-3 wins at the
+  # edge, so the walk adds 1e-2, which diverges (counted whole).
+  long_losses = {1e-3: 3.6, 3e-3: 3.5, 1e-2: None}
+  for _ in range(3):
+    for s in study_results.all_specs(study):
+      if s.phase == 'long' and s.seed == 0 and not s.run_dir.exists():
+        fake_run(s, long_losses[s.learning_rate])
+  specs = study_results.all_specs(study)
+  assert sum(s.phase == 'long' and s.learning_rate == 1e-2
+             for s in specs) == 2  # One walk step per optimizer.
+  final = [s for s in specs if s.seed == 1]
+  assert [(s.optimizer, s.learning_rate) for s in final] == [('scale', 3e-3)]
+  assert cost() == {'sweep': (6, 90), 'long': (6, 3 * 100 + 3 * 200)}
+  fake_run(final[0], 3.4)
+  assert cost() == {'sweep': (6, 90), 'long': (6, 900), 'finalist': (1, 100)}
+  for e in estimate['optimizers'].values():
+    e.update(step_s=0.1, step_cpu_s=0.2, compile_s=1.0, cpu_s=60.0,
+             runs={'sweep': 3, 'long': 3})
+  lines = study_page.cost_lines(
+      {**estimate, 'measured_steps': 2, 'cpu_count': 2, 'load_average': 1.0,
+       'cpu_s': 3600, 'wall_s': 3600}, (0, 0.0), cost())
+  assert lines[-1] == (
+      'The runs the study took, at those rates (a diverged run counted '
+      "whole): 6 sweep + 6 long (the walks' steps included) + 1 finalists' "
+      'seeds = 13 runs, **0.3 CPU hours**: the cost of `python -m '
+      'train.study` from scratch (with `docs/ledger` and the run folders '
+      'removed it trains every run again and rewrites this page).')
+  lines = study_page.cost_lines(
+      {**estimate, 'measured_steps': 2, 'cpu_count': 2, 'load_average': 1.0,
+       'cpu_s': 3600, 'wall_s': 3600}, (1, 100.0), cost())
+  assert lines[-3].endswith('= 13 runs, **0.3 CPU hours** so far.')
+  del estimate['optimizers']['adamw']
+  assert cost() is None
+
+
 def test_the_sensitivity_verdict_waits_for_both_rows(data_dir, tmp_path):
   study = study_lib.parse_study(study_values(
       data_dir, tmp_path, optimizers={'scale': RATES, 'stable_spam': RATES},

@@ -105,6 +105,18 @@ def plan(study: Study) -> dict[str, dict[str, int]]:
   return out
 
 
+def _covers(study: Study, estimate: dict[str, Any]) -> bool:
+  """Whether ``estimate`` measured every optimizer of ``study`` in each of
+  its phases (else it was measured for another study)."""
+  per_opt = estimate['optimizers']
+  return all(name in per_opt and f'{phase}_run_cpu_s' in per_opt[name]
+             for name in study.optimizers for phase in study.phases)
+
+
+def _run_cpu_s(row: dict[str, Any], estimate: dict[str, Any]) -> float:
+  return estimate['optimizers'][row['optimizer']][f'{row["phase"]}_run_cpu_s']
+
+
 def remaining(study: Study, rows: list[dict[str, Any]],
               estimate: dict[str, Any]) -> Optional[tuple[int, float]]:
   """``(runs, CPU seconds)`` left at ``estimate``'s rates.
@@ -115,13 +127,12 @@ def remaining(study: Study, rows: list[dict[str, Any]],
   finalists' runs until they are planned. Walk steps not yet queued are
   not counted. None when ``estimate`` lacks one of the study's optimizers.
   """
-  per_opt = estimate['optimizers']
-  if any(name not in per_opt or f'{phase}_run_cpu_s' not in per_opt[name]
-         for name in study.optimizers for phase in study.phases):
-    return None  # Measured for another study.
+  if not _covers(study, estimate):
+    return None
   left = [r for r in rows if r['status'] == 'missing']
   runs = len(left)
-  cpu = sum(per_opt[r['optimizer']][f'{r["phase"]}_run_cpu_s'] for r in left)
+  cpu = sum(_run_cpu_s(r, estimate) for r in left)
+  per_opt = estimate['optimizers']
   if study.long_train is not None:
     planned = {r['optimizer'] for r in rows if r['phase'] == LONG}
     swept = {r['optimizer'] for r in rows if r['phase'] == SWEEP} - {
@@ -135,6 +146,26 @@ def remaining(study: Study, rows: list[dict[str, Any]],
     runs += estimate['finalist_runs']
     cpu += estimate['finalist_runs'] * estimate['finalist_run_cpu_s']
   return runs, cpu
+
+
+def spent(study: Study, rows: list[dict[str, Any]], estimate: dict[str, Any]
+          ) -> Optional[dict[str, tuple[int, float]]]:
+  """The finished runs (done or diverged) per kind, ``'sweep'``, ``'long'``
+  (walk steps included) and ``'finalist'`` (a seed beyond the study's),
+  each ``(runs, CPU seconds)`` at ``estimate``'s rates: what the study has
+  cost so far, and, once it is whole, what running it again from scratch
+  costs. A run counts whole (a diverged one ended early). None as for
+  :func:`remaining`."""
+  if not _covers(study, estimate):
+    return None
+  out = {}
+  for row in rows:
+    if row['status'] == 'missing':
+      continue
+    kind = 'finalist' if row['seed'] not in study.seeds else row['phase']
+    runs, cpu = out.get(kind, (0, 0.0))
+    out[kind] = (runs + 1, cpu + _run_cpu_s(row, estimate))
+  return out
 
 
 def estimate_study(study: Study, steps: int = 20,

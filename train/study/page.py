@@ -279,9 +279,12 @@ def restored_lines(restored: Sequence[_Row]) -> list[str]:
 
 
 def cost_lines(estimate: Optional[dict[str, Any]],
-               left: Optional[tuple[int, float]] = None) -> list[str]:
-  """The measured cost (``--estimate``), if it was run, and what is ``left``
-  (:func:`estimate.remaining`) while runs are."""
+               left: Optional[tuple[int, float]] = None,
+               spent: Optional[dict[str, tuple[int, float]]] = None
+               ) -> list[str]:
+  """The measured cost (``--estimate``), if it was run; the runs finished
+  and their cost at its rates (``spent``, :func:`estimate.spent`); and what
+  is ``left`` (:func:`estimate.remaining`) while runs are."""
   if not estimate:
     return ['Not measured yet: `python -m train.study --estimate`.']
   lines = [
@@ -301,6 +304,20 @@ def cost_lines(estimate: Optional[dict[str, Any]],
   n = estimate['finalist_runs']
   lines.append(f'| finalists | | | | {n} long | '
                f'{n * estimate["finalist_run_cpu_s"] / 3600:.2f} |')
+  if spent:
+    names = {'sweep': 'sweep', 'long': "long (the walks' steps included)",
+             'finalist': "finalists' seeds"}
+    kinds = ' + '.join(f'{spent[k][0]} {names[k]}' for k in names
+                       if k in spent)
+    runs = sum(n for n, _ in spent.values())
+    cpu = sum(c for _, c in spent.values())
+    whole = not (left and left[0])
+    lines += ['', (
+        'The runs the study took, at those rates (a diverged run counted '
+        f'whole): {kinds} = {runs} runs, **{cpu / 3600:.1f} CPU hours**'
+        + (': the cost of `python -m train.study` from scratch (with '
+           '`docs/ledger` and the run folders removed it trains every run '
+           'again and rewrites this page).' if whole else ' so far.'))]
   if left and left[0]:
     lines += ['', f'Left at this report: {left[0]} runs, about '
               f'{left[1] / 3600:.1f} CPU hours at those rates (a run stopped '
@@ -350,9 +367,11 @@ def stable_spam_note(study: Study) -> str:
 def results_page(study: Study, results: list[_Row], info: dict[str, Any],
                  vrows: list[_Row], estimate: Optional[dict[str, Any]],
                  left: Optional[tuple[int, float]] = None,
-                 restored: Sequence[_Row] = ()) -> str:
+                 restored: Sequence[_Row] = (),
+                 spent: Optional[dict[str, tuple[int, float]]] = None) -> str:
   """The whole page (``restored``: the run rows restored from an earlier
-  report, :func:`restored_lines`)."""
+  report, :func:`restored_lines`; ``left`` and ``spent``:
+  :func:`cost_lines`)."""
   best = best_rows(results, study)
   whole = whole_rows(results, study)
   diverged = diverged_everywhere(results, study)
@@ -438,6 +457,6 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       'and gaps are scaled from their 60M scripts; and optimizers that are '
       'not finalists have one seed (the finalists\' seeds show the spread).'
       + stable_spam_note(study),
-      '', '## Cost', '', *cost_lines(estimate, left), '',
+      '', '## Cost', '', *cost_lines(estimate, left, spent), '',
   ]
   return '\n'.join(lines)

@@ -8,7 +8,7 @@ import pathlib
 from typing import Any, Optional, Sequence
 
 from .config import SWEEP, Study, run_config
-from .estimate import remaining
+from .estimate import remaining, spent
 from .page import (best_rows, format_ppl, ranked_group, results_page,
                    variance_means)
 from .plots import best_runs, plot_all
@@ -251,7 +251,8 @@ def write_report(study: Study, rows: Optional[list[dict[str, Any]]] = None,
   paths['results_md'].write_text(results_page(
       study, results, info, vrows, estimate,
       remaining(study, rows, estimate) if estimate else None,
-      [r for r in rows if r.get('restored_from')]))
+      [r for r in rows if r.get('restored_from')],
+      spent(study, rows, estimate) if estimate else None))
   paths['setting_json'].write_text(json.dumps(info, indent=2) + '\n')
   paths.update(plot_all(study, rows, results, info, docs))
   say(f'report: {", ".join(str(p) for p in paths.values())}')
