@@ -788,6 +788,20 @@ def test_spent_prices_the_finished_runs_by_kind(data_dir, tmp_path):
   assert cost() is None
 
 
+def test_the_page_says_how_far_apart_the_seeds_ended():
+  def row(n_runs, lo, hi):
+    return {'n_runs': n_runs, 'eval_ppl_min': lo, 'eval_ppl_max': hi}
+
+  best = {'adamw': row(2, 90.0, 99.0), 'scale': row(2, 100.0, 101.0),
+          'muon': row(1, 70.0, 70.0)}
+  assert study_page.seed_spread_lines(best) == [
+      'Seeds: at their best rate the seeds of a row run more than once end '
+      'this far apart in perplexity (highest over lowest): SCALE 1.0%, AdamW '
+      '10.0%. A gap between two rows smaller than that could turn with other '
+      'seeds; the rows with one seed have no such measure.', '']
+  assert study_page.seed_spread_lines({'muon': best['muon']}) == []
+
+
 def test_the_sensitivity_verdict_waits_for_both_rows(data_dir, tmp_path):
   study = study_lib.parse_study(study_values(
       data_dir, tmp_path, optimizers={'scale': RATES, 'stable_spam': RATES},

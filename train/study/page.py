@@ -278,6 +278,22 @@ def restored_lines(restored: Sequence[_Row]) -> list[str]:
           'finalist, its second seed alone).', '']
 
 
+def seed_spread_lines(best: dict[str, _Row]) -> list[str]:
+  """How far apart the seeds of each best-rate row run with more than one
+  seed (the finalists') ended: a gap between two rows smaller than that is
+  within what another seed may change. Empty before any has two."""
+  spread = sorted(((r['eval_ppl_max'] / r['eval_ppl_min'] - 1, name)
+                   for name, r in best.items()
+                   if r['n_runs'] > 1 and r['eval_ppl_min']))
+  if not spread:
+    return []
+  each = ', '.join(f'{label(name)} {gap:.1%}' for gap, name in spread)
+  return [f'Seeds: at their best rate the seeds of a row run more than once '
+          f'end this far apart in perplexity (highest over lowest): {each}. '
+          'A gap between two rows smaller than that could turn with other '
+          'seeds; the rows with one seed have no such measure.', '']
+
+
 def cost_lines(estimate: Optional[dict[str, Any]],
                left: Optional[tuple[int, float]] = None,
                spent: Optional[dict[str, tuple[int, float]]] = None
@@ -442,7 +458,7 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       '| claim | the paper | here | verdict |', '|---|---|---|---|',
       *[f'| {c} | {p} | {h} | {v} |'
         for c, p, h, v in claims(whole, results, study, variance, diverged)],
-      '',
+      '', *seed_spread_lines(best),
       'Why a small-scale ranking may differ from the paper\'s: this model '
       f'has {info["params"] / 58.07e6:.1%} of the parameters of the paper\'s '
       f'smallest (58.07M); the data are `{info["data"]}`, not C4 English '
