@@ -138,6 +138,17 @@ def test_eval_batches_in_order_repeating(ds):
     np.testing.assert_array_equal(x['inputs'], y['inputs'])
 
 
+def test_documents_holding_counts_the_documents_the_eval_reads(ds):
+  n_val = ds.num_documents('validation')
+  ends = np.cumsum([len(ds.tokenize_fn('validation')(i))
+                    for i in range(n_val)])  # Each document with its EOS.
+  assert ds.documents_holding('validation', 1) == 1
+  assert ds.documents_holding('validation', int(ends[0])) == 1
+  assert ds.documents_holding('validation', int(ends[2])) == 3
+  assert ds.documents_holding('validation', int(ends[2]) + 1) == 4
+  assert ds.documents_holding('validation', int(ends[-1]) * 2) == n_val
+
+
 def test_split_too_small(ds):
   total = len(_stream(ds, 'validation', range(ds.num_documents('validation'))))
   with pytest.raises(data.SplitTooSmallError,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from train import data as data_lib
 from train import study as study_lib
 from train.config import load_config, to_dict
 from train.loop import train
@@ -95,6 +96,18 @@ def test_two_run_grid_runs_resumes_and_reports(data_dir, tmp_path):
   table = (docs / 'results_table.md').read_text()
   assert f'{float(scale_row["eval_ppl_mean"]):.2f}' in table
   assert '| scale | 0.003 |' in table
+  # Where the eval tokens come from, counted on the data and said on the page.
+  eval_docs = json.loads((study.ledger_dir / 'study.json').read_text())[
+      'eval_documents']
+  cfg = study_config.run_config(study, 'sweep', 'scale', 3e-3, 0)
+  dataset = data_lib.prepare(cfg.data, cfg.model.vocab_size)
+  assert eval_docs == {
+      'tokens': cfg.train.eval_tokens,
+      'documents': dataset.documents_holding('validation',
+                                             cfg.train.eval_tokens),
+      'of': dataset.num_documents('validation')}
+  phrase = study_page.eval_source({'eval_documents': eval_docs})
+  assert f'they come from {phrase})' in (docs / 'results.md').read_text()
 
   # Second call: both runs are finished and skipped, nothing retrained.
   before = mtimes(tmp_path / 'runs')
@@ -786,6 +799,18 @@ def test_spent_prices_the_finished_runs_by_kind(data_dir, tmp_path):
   assert lines[-3].endswith('= 13 runs, **0.3 CPU hours** so far.')
   del estimate['optimizers']['adamw']
   assert cost() is None
+
+
+def test_the_page_says_where_the_eval_tokens_come_from():
+  source = lambda n: study_page.eval_source(
+      {'eval_documents': {'tokens': 100, 'documents': n, 'of': 72}})
+  assert source(1) == "the first of the split's 72 documents alone"
+  assert source(5) == "the first 5 of the split's 72 documents"
+  assert study_page.eval_source({}) == ''  # Not recorded: nothing said.
+  part = lambda n: study_page._eval_is_part(  # pylint: disable=protected-access
+      {'eval_documents': {'tokens': 100, 'documents': n, 'of': 72}})
+  assert part(1) and part(71) and not part(72)
+  assert not study_page._eval_is_part({})  # pylint: disable=protected-access
 
 
 def test_the_page_says_how_far_apart_the_seeds_ended():

@@ -150,6 +150,18 @@ class Dataset:
     """The texts of ``split`` in stored order, up to ``limit``."""
     return texts(self.sources[split], self.text_key, limit)
 
+  def documents_holding(self, split: str, num_tokens: int) -> int:
+    """How many documents of ``split``, in stored order, hold its first
+    ``num_tokens`` tokens (each document's tokens and its EOS): where
+    :meth:`eval_batches` reads from (all of them when the split is shorter)."""
+    total, count = 0, 0
+    for text in self.texts(split):
+      if total >= num_tokens:
+        break
+      total += len(self.tokenizer.encode(text)) + 1
+      count += 1
+    return count
+
 
 def texts(source: Sequence[Any], text_key: str,
           limit: Optional[int] = None) -> Iterator[str]:

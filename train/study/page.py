@@ -278,6 +278,24 @@ def restored_lines(restored: Sequence[_Row]) -> list[str]:
           'finalist, its second seed alone).', '']
 
 
+def eval_source(info: dict[str, Any]) -> str:
+  """Which documents of the eval split the eval tokens come from, as a
+  phrase ('' when the study has not recorded it)."""
+  docs = info.get('eval_documents')
+  if not docs:
+    return ''
+  n, of = docs['documents'], docs['of']
+  return (f'the first of the split\'s {of:,} documents alone' if n == 1 else
+          f'the first {n:,} of the split\'s {of:,} documents')
+
+
+def _eval_is_part(info: dict[str, Any]) -> bool:
+  """Whether the eval tokens come from only some of the eval split's
+  documents."""
+  docs = info.get('eval_documents')
+  return bool(docs) and docs['documents'] < docs['of']
+
+
 def seed_spread_lines(best: dict[str, _Row]) -> list[str]:
   """How far apart the seeds of each best-rate row run with more than one
   seed (the finalists') ended: a gap between two rows smaller than that is
@@ -428,7 +446,8 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       f'weight decay {info["weight_decay"]:g}, {info["dtype"]}. Eval: the '
       f'first {info["eval_tokens"]:,} tokens of the `{info["eval_split"]}` '
       'split in its stored order, the same for every run (not a sample '
-      'across the split). Seeds '
+      'across the split' + (f': they come from {eval_source(info)}'
+                            if eval_source(info) else '') + '). Seeds '
       f'{info["seeds"]}, finalists add {info["finalist_seeds"]}.', '',
       '## The paper\'s table at this scale', '',
       *paper_table(best, list(whole), diverged, info['dtype']), '',
@@ -472,6 +491,9 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       'are chosen on a half-decade grid from short runs; the rivals\' ranks '
       'and gaps are scaled from their 60M scripts; and optimizers that are '
       'not finalists have one seed (the finalists\' seeds show the spread).'
+      + (f' The eval tokens come from {eval_source(info)}: a perplexity '
+         'here measures that text, and it moves with how recently a run '
+         'trained on related text.' if _eval_is_part(info) else '')
       + stable_spam_note(study),
       '', '## Cost', '', *cost_lines(estimate, left, spent), '',
   ]

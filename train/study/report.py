@@ -232,6 +232,8 @@ def write_report(study: Study, rows: Optional[list[dict[str, Any]]] = None,
   for key in ('unigram_perplexity', 'train_tokens'):
     if meta.get(key):
       info[key] = meta[key]
+  if meta.get('eval_documents', {}).get('tokens') == info['eval_tokens']:
+    info['eval_documents'] = meta['eval_documents']
   docs = study.docs_dir
   docs.mkdir(parents=True, exist_ok=True)
   paths = {'runs_csv': docs / 'runs.csv', 'results_csv': docs / 'results.csv',

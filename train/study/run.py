@@ -18,15 +18,17 @@ from .runner import Runner, read_json
 
 def prepare_data(study: Study, say: Callable[..., None]) -> dict[str, Any]:
   """Builds the data set and tokenizer once, before any run (workers race
-  otherwise); records the unigram baseline and the splits' token counts in
-  the ledger's ``study.json``, and says when runs repeat the training data."""
+  otherwise); records the unigram baseline, the splits' token counts and
+  how many documents the eval tokens come from in the ledger's
+  ``study.json``, and says when runs repeat the training data."""
   from .. import data as data_lib  # pylint: disable=g-import-not-at-top
   name, rates = next(iter(study.optimizers.items()))
   config = run_config(study, SWEEP, name, rates[0], study.seeds[0])
   meta_path = study.ledger_dir / 'study.json'
-  meta = read_json(meta_path) or {}
+  kept = read_json(meta_path) or {}
   dataset = data_lib.prepare(config.data, config.model.vocab_size)
   key = {'data': to_dict(config)['data'], 'vocab': config.model.vocab_size}
+  meta = dict(kept)
   if meta.get('data_key') != key:
     meta = {
         'data_key': key,
@@ -36,6 +38,14 @@ def prepare_data(study: Study, say: Callable[..., None]) -> dict[str, Any]:
         'eval_split_tokens': int(data_lib.token_counts(
             dataset, dataset.eval_split, None).sum()),
     }
+  eval_tokens = config.train.eval_tokens
+  if meta.get('eval_documents', {}).get('tokens') != eval_tokens:
+    meta['eval_documents'] = {  # Where the eval tokens come from.
+        'tokens': eval_tokens,
+        'documents': dataset.documents_holding(dataset.eval_split,
+                                               eval_tokens),
+        'of': dataset.num_documents(dataset.eval_split)}
+  if meta != kept:
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta, indent=2))
   say(f'data: {config.data.name} in {config.data.data_dir}, '
