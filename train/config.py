@@ -72,6 +72,12 @@ class DataConfig:
   ``seq_len`` (no padding); ``False`` makes each document one row, truncated
   or padded with the tokenizer's pad id to ``seq_len``, pads out of the loss
   (the official release's recipe).
+
+  ``eval_shuffle=True`` reads the eval split's documents in one fixed
+  shuffled order (seed 0) instead of their stored order, so the first
+  ``train.eval_tokens`` come from documents across the split, not from its
+  first few (a split stored sorted by path, as ``python_source``, would
+  otherwise give the eval's tokens from one file).
   """
   name: str = 'embedded'
   data_dir: str = 'data_cache'
@@ -83,6 +89,7 @@ class DataConfig:
   batch_size: int = 16
   shuffle: bool = True
   packing: bool = True
+  eval_shuffle: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

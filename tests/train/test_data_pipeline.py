@@ -1,5 +1,6 @@
 """The grain pipeline: packing, determinism, resume, sharding, eval, errors."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -147,6 +148,26 @@ def test_documents_holding_counts_the_documents_the_eval_reads(ds):
   assert ds.documents_holding('validation', int(ends[2])) == 3
   assert ds.documents_holding('validation', int(ends[2]) + 1) == 4
   assert ds.documents_holding('validation', int(ends[-1]) * 2) == n_val
+
+
+def test_eval_shuffle_reads_the_split_in_one_fixed_shuffled_order(ds):
+  shuffled = dataclasses.replace(ds, eval_shuffle=True)
+  n_val = ds.num_documents('validation')
+  order = list(pipeline.document_indices(
+      n_val, shuffle=True, seed=0, process_index=0, process_count=1,
+      split='validation'))
+  assert sorted(order) == list(range(n_val)) and order != sorted(order)
+  stream = _stream(ds, 'validation', order)
+  L = 8
+  num_tokens = (len(stream) - 1) // L * L  # One pass: every document.
+  evals = shuffled.eval_batches(1, L, num_tokens)
+  for k, w in enumerate(_windows(evals)):
+    np.testing.assert_array_equal(w, stream[k * L:k * L + L + 1])
+  for x, y in zip(evals, shuffled.eval_batches(1, L, num_tokens)):  # Fixed.
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+  first = len(ds.tokenize_fn('validation')(order[0]))
+  assert shuffled.documents_holding('validation', first) == 1
+  assert shuffled.documents_holding('validation', first + 1) == 2
 
 
 def test_split_too_small(ds):

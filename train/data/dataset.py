@@ -36,6 +36,8 @@ class Dataset:
     text_key: the example field holding the text.
     train_split, eval_split: split names.
     shuffle: whether ``train_iter`` shuffles by default.
+    eval_shuffle: whether the eval reads its documents in a fixed shuffled
+      order (seed 0) rather than in stored order.
     packing: pack documents into rows (True) or give each document its own
       row, truncated or padded to ``seq_len`` with pads weighted 0 (False).
   """
@@ -48,6 +50,7 @@ class Dataset:
   eval_split: str = 'validation'
   shuffle: bool = True
   packing: bool = True
+  eval_shuffle: bool = False
 
   @property
   def vocab_size(self) -> int:
@@ -122,7 +125,8 @@ class Dataset:
     """This process's part of the first global batches of the eval split
     that together hold at least ``num_tokens`` loss tokens.
 
-    In order, no shuffle; the split is repeated if it is shorter. Same every
+    In stored order (a fixed shuffled order with ``eval_shuffle``); the
+    split is repeated if it is shorter. Same every
     call and the same number of batches on every process: packed batches
     hold ``batch_size * seq_len`` loss tokens each, and unpacked ones are
     counted over every process's rows (each process reads the others'
@@ -130,8 +134,8 @@ class Dataset:
     """
     def rows(index):
       return iter(self._batches(
-          self.eval_split, batch_size, seq_len, shuffle=False, seed=0,
-          process_index=index, process_count=process_count))
+          self.eval_split, batch_size, seq_len, shuffle=self.eval_shuffle,
+          seed=0, process_index=index, process_count=process_count))
 
     own = rows(process_index)
     if self.packing:
@@ -151,14 +155,20 @@ class Dataset:
     return texts(self.sources[split], self.text_key, limit)
 
   def documents_holding(self, split: str, num_tokens: int) -> int:
-    """How many documents of ``split``, in stored order, hold its first
+    """How many documents of ``split``, in the order the eval reads them
+    (stored, or shuffled with ``eval_shuffle``), hold its first
     ``num_tokens`` tokens (each document's tokens and its EOS): where
-    :meth:`eval_batches` reads from (all of them when the split is shorter)."""
+    :meth:`eval_batches` reads from on one process (all of them when the
+    split is shorter)."""
+    order = pipeline.document_indices(
+        self.num_documents(split), shuffle=self.eval_shuffle, seed=0,
+        process_index=0, process_count=1, split=split)
+    tokenize = self.tokenize_fn(split)
     total, count = 0, 0
-    for text in self.texts(split):
+    for index in order:
       if total >= num_tokens:
         break
-      total += len(self.tokenizer.encode(text)) + 1
+      total += len(tokenize(index))
       count += 1
     return count
 
@@ -225,7 +235,8 @@ def prepare(config, vocab_size: int) -> Dataset:
   return Dataset(name=config.name, builder=builder, sources=sources,
                  tokenizer=tokenizer, text_key=config.text_key,
                  train_split=config.train_split, eval_split=config.eval_split,
-                 shuffle=config.shuffle, packing=config.packing)
+                 shuffle=config.shuffle, packing=config.packing,
+                 eval_shuffle=config.eval_shuffle)
 
 
 __all__ = ['Batch', 'Dataset', 'prepare', 'texts', 'tokenizer_path']
