@@ -811,6 +811,19 @@ def test_the_page_says_where_the_eval_tokens_come_from():
       {'eval_documents': {'tokens': 100, 'documents': n, 'of': 72}})
   assert part(1) and part(71) and not part(72)
   assert not study_page._eval_is_part({})  # pylint: disable=protected-access
+  shuffled = lambda n: {'eval_shuffle': True, 'eval_documents': {
+      'tokens': 100, 'documents': n, 'of': 72}}
+  assert study_page.eval_source(shuffled(18)) == "18 of the split's 72 documents"
+  assert study_page.eval_source(shuffled(1)) == (
+      "1 of the split's 72 documents alone")
+  assert study_page.eval_order(shuffled(18)) == (
+      'one fixed shuffled order of its documents')
+  assert study_page.eval_order({}) == 'its stored order'
+  note = study_page._eval_note  # pylint: disable=protected-access
+  assert note({}, '') == ' (not a sample across the split)'
+  assert note({}, 'X') == ' (not a sample across the split: they come from X)'
+  assert note({'eval_shuffle': True}, 'X') == ' (they come from X)'
+  assert note({'eval_shuffle': True}, '') == ''
 
 
 def test_the_page_says_how_far_apart_the_seeds_ended():

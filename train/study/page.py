@@ -278,6 +278,12 @@ def restored_lines(restored: Sequence[_Row]) -> list[str]:
           'finalist, its second seed alone).', '']
 
 
+def eval_order(info: dict[str, Any]) -> str:
+  """The order the eval reads its split in (``data.eval_shuffle``)."""
+  return ('one fixed shuffled order of its documents'
+          if info.get('eval_shuffle') else 'its stored order')
+
+
 def eval_source(info: dict[str, Any]) -> str:
   """Which documents of the eval split the eval tokens come from, as a
   phrase ('' when the study has not recorded it)."""
@@ -285,8 +291,19 @@ def eval_source(info: dict[str, Any]) -> str:
   if not docs:
     return ''
   n, of = docs['documents'], docs['of']
+  if info.get('eval_shuffle'):
+    return f'{n:,} of the split\'s {of:,} documents' + (
+        ' alone' if n == 1 else '')
   return (f'the first of the split\'s {of:,} documents alone' if n == 1 else
           f'the first {n:,} of the split\'s {of:,} documents')
+
+
+def _eval_note(info: dict[str, Any], source: str) -> str:
+  """The Setting line's parenthesis on the eval tokens ('' for none)."""
+  parts = [] if info.get('eval_shuffle') else ['not a sample across the split']
+  if source:
+    parts.append(f'they come from {source}')
+  return f' ({": ".join(parts)})' if parts else ''
 
 
 def _eval_is_part(info: dict[str, Any]) -> bool:
@@ -409,6 +426,7 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
   best = best_rows(results, study)
   whole = whole_rows(results, study)
   diverged = diverged_everywhere(results, study)
+  source = eval_source(info)
   tokens_per_param = info['tokens'] / info['params']
   diagnosed = next((n for n in study.diagnostics_optimizers  # Whole rows only.
                     if n in whole and variance_means(vrows, n)), None)
@@ -445,9 +463,8 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       f'{info["grad_clip"] or "none"}, '
       f'weight decay {info["weight_decay"]:g}, {info["dtype"]}. Eval: the '
       f'first {info["eval_tokens"]:,} tokens of the `{info["eval_split"]}` '
-      'split in its stored order, the same for every run (not a sample '
-      'across the split' + (f': they come from {eval_source(info)}'
-                            if eval_source(info) else '') + '). Seeds '
+      f'split in {eval_order(info)}, the same for every run'
+      f'{_eval_note(info, source)}. Seeds '
       f'{info["seeds"]}, finalists add {info["finalist_seeds"]}.', '',
       '## The paper\'s table at this scale', '',
       *paper_table(best, list(whole), diverged, info['dtype']), '',
@@ -491,7 +508,7 @@ def results_page(study: Study, results: list[_Row], info: dict[str, Any],
       'are chosen on a half-decade grid from short runs; the rivals\' ranks '
       'and gaps are scaled from their 60M scripts; and optimizers that are '
       'not finalists have one seed (the finalists\' seeds show the spread).'
-      + (f' The eval tokens come from {eval_source(info)}: a perplexity '
+      + (f' The eval tokens come from {source}: a perplexity '
          'here measures that text, and it moves with how recently a run '
          'trained on related text.' if _eval_is_part(info) else '')
       + stable_spam_note(study),

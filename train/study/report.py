@@ -9,8 +9,8 @@ from typing import Any, Optional, Sequence
 
 from .config import SWEEP, Study, run_config
 from .estimate import remaining, spent
-from .page import (best_rows, format_ppl, ranked_group, results_page,
-                   variance_means)
+from .page import (best_rows, eval_order, format_ppl, ranked_group,
+                   results_page, variance_means)
 from .plots import best_runs, plot_all
 from .results import aggregate, all_specs, collect_run, memory_mb
 from .runner import read_json
@@ -72,6 +72,7 @@ def setting(study: Study) -> dict[str, Any]:
       'weight_decay': o.weight_decay, 'momentum': o.momentum,
       'eval_every': t.eval_every,
       'eval_tokens': t.eval_tokens, 'eval_split': d.eval_split,
+      'eval_shuffle': d.eval_shuffle,
       'data': d.name, 'dtype': m.param_dtype,
       'seeds': list(study.seeds), 'finalist_seeds': list(study.finalist_seeds),
   }
@@ -97,7 +98,7 @@ def markdown_table(study: Study, results: list[dict[str, Any]],
       f'of the peak; gradient clipping {s["grad_clip"]}; weight decay '
       f'{s["weight_decay"]:g}; eval on the same {s["eval_tokens"]:,} held-out '
       f'tokens for every run (the first of the `{s["eval_split"]}` split, in '
-      f'its stored order). Sweep seeds {s["seeds"]}; finalists add seeds '
+      f'{eval_order(s)}). Sweep seeds {s["seeds"]}; finalists add seeds '
       f'{s["finalist_seeds"]} at their best learning rate.',
       '',
   ]
