@@ -712,8 +712,9 @@ def test_the_page_sets_stable_spams_reset_period_against_the_run(
   assert study_page.stable_spam_note(study_lib.parse_study(values)) == ''
 
 
-def test_what_is_left_counts_unplanned_long_runs_and_finalists(data_dir,
-                                                               tmp_path):
+def priced_study(data_dir, tmp_path):
+  """Two optimizers on a 3-rate grid with one long neighbour and SCALE's
+  second seed; an estimate pricing each kind of run differently."""
   grid = [1e-3, 3e-3, 1e-2]
   study = study_lib.parse_study(study_values(
       data_dir, tmp_path, optimizers={'scale': grid, 'adamw': grid},
@@ -723,11 +724,20 @@ def test_what_is_left_counts_unplanned_long_runs_and_finalists(data_dir,
       'optimizers': {'scale': {'sweep_run_cpu_s': 10, 'long_run_cpu_s': 100},
                      'adamw': {'sweep_run_cpu_s': 20, 'long_run_cpu_s': 200}},
       'finalist_runs': 1, 'finalist_run_cpu_s': 150}
+  return study, estimate
+
+
+def plan_rows(study):
+  """The row of every run planned so far."""
+  return [study_results.run_row(s) for s in study_results.all_specs(study)]
+
+
+def test_what_is_left_counts_unplanned_long_runs_and_finalists(data_dir,
+                                                               tmp_path):
+  study, estimate = priced_study(data_dir, tmp_path)
 
   def left():
-    rows = [study_results.run_row(s)
-            for s in study_results.all_specs(study)]
-    return study_estimate.remaining(study, rows, estimate)
+    return study_estimate.remaining(study, plan_rows(study), estimate)
 
   # Nothing run: 6 sweep runs, 3 + 3 long runs (plan), 1 finalist run.
   assert left() == (13, 3 * 10 + 3 * 20 + 3 * 100 + 3 * 200 + 150)
@@ -747,20 +757,10 @@ def test_what_is_left_counts_unplanned_long_runs_and_finalists(data_dir,
 def test_spent_prices_the_finished_runs_by_kind(data_dir, tmp_path):
   """What the study cost, walks and finalists' seeds included: once whole,
   what it costs from scratch."""
-  grid = [1e-3, 3e-3, 1e-2]
-  study = study_lib.parse_study(study_values(
-      data_dir, tmp_path, optimizers={'scale': grid, 'adamw': grid},
-      sweep={'steps': 4}, long={'steps': 8, 'eval_every': 4, 'neighbours': 1},
-      finalists={'always': ['scale'], 'top': 0, 'seeds': [1]}))
-  estimate = {
-      'optimizers': {'scale': {'sweep_run_cpu_s': 10, 'long_run_cpu_s': 100},
-                     'adamw': {'sweep_run_cpu_s': 20, 'long_run_cpu_s': 200}},
-      'finalist_runs': 1, 'finalist_run_cpu_s': 150}
+  study, estimate = priced_study(data_dir, tmp_path)
 
   def cost():
-    rows = [study_results.run_row(s)
-            for s in study_results.all_specs(study)]
-    return study_estimate.spent(study, rows, estimate)
+    return study_estimate.spent(study, plan_rows(study), estimate)
 
   assert cost() == {}
   for s in study_config.sweep_specs(study):
