@@ -1,9 +1,10 @@
-"""The README's study table says what docs/results.csv says.
+"""The README's study tables say what the committed reports say.
 
 The table under "Where the study stands" is written by hand at each stop of
-the long study; every number in it is checked here against the committed
-report: each rate's perplexity, the best rate in bold, the sweep's best, the
-memory, and that no finished run of the report is left out.
+the long study and checked against docs/results.csv; the one under "The
+first run" against that run's frozen report, docs/one_file/results.csv.
+Every number is checked: each rate's perplexity, the best rate in bold, the
+sweep's best, the memory, and that no finished run of the report is left out.
 """
 
 import csv
@@ -22,9 +23,14 @@ _LONG = re.compile(r'^(?P<bold>\*\*)?(?P<rate>[0-9.e-]+): (?P<ppl>[0-9.]+'
                    r'(?P<note> \(the walk\))?$')
 
 
-def readme_rows(text: str) -> list[list[str]]:
-  """The cells of each row of the table after "Where the study stands"."""
-  start = text.index('**Where the study stands')
+# Each table of the README: the words that open its paragraph, its report.
+TABLES = (('**Where the study stands', 'docs/results.csv'),
+          ('**The first run', 'docs/one_file/results.csv'))
+
+
+def readme_rows(text: str, opening: str) -> list[list[str]]:
+  """The cells of each row of the first table after ``opening``."""
+  start = text.index(opening)
   lines = text[start:].splitlines()
   first = next(i for i, line in enumerate(lines) if line.startswith('|'))
   table = []
@@ -35,15 +41,16 @@ def readme_rows(text: str) -> list[list[str]]:
   return table
 
 
-def report_rows() -> dict[tuple[str, str, float], dict[str, str]]:
-  with (REPO / 'docs' / 'results.csv').open() as f:
+def report_rows(csv_path: str) -> dict[tuple[str, str, float],
+                                      dict[str, str]]:
+  with (REPO / csv_path).open() as f:
     return {(r['phase'], r['optimizer'], float(r['learning_rate'])): r
             for r in csv.DictReader(f)}
 
 
 def lookup(report, phase: str, name: str, rate: float) -> dict[str, str]:
   key = (phase, name, rate)
-  assert key in report, f'the README names {key}, which docs/results.csv lacks'
+  assert key in report, f'the README names {key}, which its report lacks'
   return report[key]
 
 
@@ -83,10 +90,11 @@ def long_cell(cell: str, name: str, report) -> set[float]:
   return rates
 
 
-def test_readme_table_matches_the_report():
-  report = report_rows()
-  rows = readme_rows((REPO / 'README.md').read_text())
-  assert rows, 'no table under "Where the study stands"'
+@pytest.mark.parametrize('opening, csv_path', TABLES)
+def test_readme_table_matches_the_report(opening, csv_path):
+  report = report_rows(csv_path)
+  rows = readme_rows((REPO / 'README.md').read_text(), opening)
+  assert rows, f'no table under {opening!r}'
   names = {label(opt): opt for _, opt, _ in report}
   shown = set()
   for text, sweep, long, megabytes in rows:
